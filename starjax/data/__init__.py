@@ -1,0 +1,1 @@
+"""Tasks, prompt formats, answer extraction and checking."""

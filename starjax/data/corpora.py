@@ -1,0 +1,81 @@
+"""Training corpora for `python -m starjax.train`: task name -> (train, eval) examples.
+
+Each builder takes the tokenizer plus keyword arguments from the config's `data` section (checked
+against the builder's signature, so a misspelt key is an error) and returns tokenized
+`batching.Example`s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from starjax.data import arithmetic
+from starjax.train.batching import Example
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  train: list[Example]
+  eval: list[Example]
+
+
+def _encode_example(tok, prompt: str, completion: str, completion_only: bool) -> Example:
+  p = tok.encode(prompt, add_bos=True)
+  c = tok.encode(completion, add_eos=True)
+  mask = [0 if completion_only else 1] * len(p) + [1] * len(c)
+  return Example(p + c, mask)
+
+
+def arithmetic_corpus(tok, *, digits: Sequence[int] = (1, 2, 3),
+                      n_train_per_digit: int = 2000, n_eval_per_digit: int = 50,
+                      rationale_fraction: float = 1.0, completion_only: bool = False,
+                      seed: int = 0) -> Corpus:
+  """n-digit addition with scratchpads (or direct answers for 1 - rationale_fraction of them)."""
+  splits = arithmetic.make_splits(seed, digits=tuple(digits), n_train_per_digit=n_train_per_digit,
+                                  n_test_per_digit=n_eval_per_digit, ood_digits=())
+  rng = np.random.default_rng(seed)
+
+  def encode(problems):
+    use_rationale = rng.random(len(problems)) < rationale_fraction
+    completions = [arithmetic.scratchpad(p) if r else arithmetic.direct_answer(p)
+                   for p, r in zip(problems, use_rationale)]
+    return [_encode_example(tok, arithmetic.prompt(p), c, completion_only)
+            for p, c in zip(problems, completions)]
+
+  return Corpus(train=encode(splits["train"]), eval=encode(splits["test"]))
+
+
+def text_files_corpus(tok, *, train_files: Sequence[str], eval_files: Sequence[str] = (),
+                      eval_fraction: float = 0.05, seed: int = 0) -> Corpus:
+  """Plain text files; each blank-line-separated paragraph is one example."""
+  def read(files):
+    docs = []
+    for f in files:
+      path = Path(f)
+      if not path.is_file():
+        raise FileNotFoundError(f"data.train_files/eval_files: no such file {path}")
+      docs += [d.strip() + "\n" for d in path.read_text().split("\n\n") if d.strip()]
+    return docs
+
+  train_docs = read(train_files)
+  eval_docs = read(eval_files)
+  if not eval_docs:
+    order = np.random.default_rng(seed).permutation(len(train_docs))
+    n_eval = max(1, int(len(train_docs) * eval_fraction))
+    eval_docs = [train_docs[i] for i in order[:n_eval]]
+    train_docs = [train_docs[i] for i in order[n_eval:]]
+  def enc(doc: str) -> Example:
+    ids = tok.encode(doc, add_bos=True, add_eos=True)
+    return Example(ids, [1] * len(ids))
+
+  return Corpus(train=[enc(d) for d in train_docs], eval=[enc(d) for d in eval_docs])
+
+
+BUILDERS: dict[str, Callable[..., Corpus]] = {
+    "arithmetic": arithmetic_corpus,
+    "text_files": text_files_corpus,
+}

@@ -1,0 +1,275 @@
+"""Llama-family decoder (Llama 2, Mistral, Qwen2, SmolLM2) in flax.linen.
+
+The model is a pure function of (params, inputs): `Transformer(cfg).apply({"params": p}, ...)`.
+Every parameter carries logical axis names (see `starjax.parallel.sharding.RULES`), and the main
+activations are constrained with logical names too, so the same code runs on one CPU or a TPU pod.
+
+Layers are stacked with `nn.scan` (one compiled block; parameters get a leading "layers" axis) and
+can be rematerialised per layer (`ModelConfig.remat`).
+
+KV cache: a dict with "k" and "v" of shape (n_layers, B, S, K, D) and "pos" (B, S) holding the
+position of the token stored in each slot (-1 = empty). A call with `cache=` writes its T new keys
+at slot `cache_index` and attends over the whole cache, masked by position, so prefill and
+token-by-token decoding are the same code path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from starjax.models import attention as attn_lib
+from starjax.models.config import ModelConfig
+from starjax.parallel import sharding
+
+Array = jax.Array
+Cache = dict[str, Array]
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  """What a forward pass returns.
+
+  Attributes:
+    logits: (B, T, vocab) in the compute dtype.
+    hidden: (B, T, dim) final-norm hidden states (the input of the LM head).
+    cache: the updated KV cache, or None when no cache was passed.
+  """
+
+  logits: Array
+  hidden: Array
+  cache: Cache | None = None
+
+
+def _init(cfg: ModelConfig, names: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), names)
+
+
+def _zeros(names: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm with a learned scale, computed in float32."""
+
+  eps: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale).astype(self.dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with RoPE at explicit positions and an optional KV cache."""
+
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+
+    def proj(heads: int, name: str, axis: str) -> nn.DenseGeneral:
+      return nn.DenseGeneral(
+          features=(heads, cfg.head_dim), axis=-1, use_bias=cfg.qkv_bias, dtype=dt,
+          kernel_init=_init(cfg, ("embed", axis, "head_dim")),
+          bias_init=_zeros((axis, "head_dim")), name=name)
+
+    self.q_proj = proj(cfg.n_heads, "q_proj", "q_heads")
+    self.k_proj = proj(cfg.n_kv_heads, "k_proj", "kv_heads")
+    self.v_proj = proj(cfg.n_kv_heads, "v_proj", "kv_heads")
+    self.o_proj = nn.DenseGeneral(
+        features=cfg.dim, axis=(-2, -1), use_bias=False, dtype=dt,
+        kernel_init=_init(cfg, ("q_heads", "head_dim", "embed")), name="o_proj")
+
+  def qkv(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+    """Projects and rotates: (B, T, dim) -> q (B, T, H, D), k and v (B, T, K, D)."""
+    q = apply_names(self.q_proj(x), ("activation_batch", "activation_length", "activation_heads",
+                                     None))
+    k = apply_names(self.k_proj(x), ("activation_batch", "activation_length",
+                                     "activation_kv_heads", None))
+    v = apply_names(self.v_proj(x), ("activation_batch", "activation_length",
+                                     "activation_kv_heads", None))
+    q = attn_lib.apply_rope(q, positions, self.cfg.rope_theta)
+    k = attn_lib.apply_rope(k, positions, self.cfg.rope_theta)
+    return q, k, v
+
+  def out(self, o: Array) -> Array:
+    return self.o_proj(o)
+
+  def __call__(self, x: Array, positions: Array, mask: Array,
+               kv: tuple[Array, Array] | None, cache_index: Array | None
+               ) -> tuple[Array, tuple[Array, Array] | None]:
+    q, k, v = self.qkv(x, positions)
+    if kv is not None:
+      ck, cv = kv
+      ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+      cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+      k, v, kv = ck.astype(q.dtype), cv.astype(q.dtype), (ck, cv)
+    o = attn_lib.dot_product_attention(q, k, v, mask)
+    return self.out(o), kv
+
+
+class MLP(nn.Module):
+  """SwiGLU feed-forward block."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+
+    def dense(features: int, names: tuple[str, str], name: str) -> nn.Dense:
+      return nn.Dense(features, use_bias=False, dtype=dt, kernel_init=_init(cfg, names), name=name)
+
+    gate = dense(cfg.ffn_dim, ("embed", "mlp"), "gate_proj")(x)
+    up = dense(cfg.ffn_dim, ("embed", "mlp"), "up_proj")(x)
+    h = apply_names(nn.silu(gate) * up, ("activation_batch", "activation_length",
+                                         "activation_mlp"))
+    return dense(cfg.dim, ("mlp", "embed"), "down_proj")(h)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). Scanned over layers."""
+
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.input_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype)
+    self.attn = Attention(cfg)
+    self.post_attn_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype)
+    self.mlp = MLP(cfg)
+
+  def __call__(self, x: Array, kv: tuple[Array, Array] | None, positions: Array, mask: Array,
+               cache_index: Array | None) -> tuple[Array, tuple[Array, Array] | None]:
+    h, kv = self.attn(self.input_norm(x), positions, mask, kv, cache_index)
+    x = x + h
+    x = x + self.mlp(self.post_attn_norm(x))
+    x = apply_names(x, ("activation_batch", "activation_length", "activation_embed"))
+    return x, kv
+
+
+def apply_names(x: Array, names: tuple[str | None, ...]) -> Array:
+  """Constrains an activation's sharding by logical axis names (a no-op outside a mesh)."""
+  return sharding.constrain(x, names)
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Transformer(nn.Module):
+  """The decoder: embed -> scanned layers -> final norm -> LM head."""
+
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = nn.Embed(
+        cfg.vocab_size, cfg.dim, dtype=cfg.compute_dtype,
+        embedding_init=_init(cfg, ("vocab", "embed")), name="embed")
+    layer_cls = DecoderLayer
+    if cfg.remat != "none":
+      layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    self.layers = nn.scan(
+        layer_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=cfg.n_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, name="layers")
+    self.final_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype)
+    if not cfg.tie_embeddings:
+      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+                              kernel_init=_init(cfg, ("embed", "vocab")), name="lm_head")
+
+  def embed_tokens(self, tokens: Array) -> Array:
+    """Token ids (B, T) -> embeddings (B, T, dim) in the compute dtype."""
+    return self.embed(tokens)
+
+  def logits_from_hidden(self, hidden: Array) -> Array:
+    """Final-norm hidden states -> logits (the LM head; tied or separate)."""
+    if self.cfg.tie_embeddings:
+      logits = self.embed.attend(hidden)
+    else:
+      logits = self.lm_head(hidden)
+    return apply_names(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+  def __call__(self, tokens: Array | None, positions: Array, *,
+               inputs_embeds: Array | None = None, segment_ids: Array | None = None,
+               attn_mask: Array | None = None, cache: Cache | None = None,
+               cache_index: Array | int = 0) -> ModelOutput:
+    """Runs the decoder.
+
+    Args:
+      tokens: int (B, T) token ids, or None when `inputs_embeds` is given.
+      positions: int (B, T) explicit positions; negative marks padding.
+      inputs_embeds: optional (B, T, dim) embeddings used instead of `tokens`.
+      segment_ids: optional int (B, T) for packed rows (0 = padding). Ignored with a cache.
+      attn_mask: optional explicit bool (B, T, S) mask or float additive bias that replaces the
+        position-derived causal mask (S = T, or the cache length with a cache).
+      cache: optional KV cache (see module docstring); the new keys are written at `cache_index`.
+      cache_index: slot at which to write the T new keys/values.
+
+    Returns:
+      ModelOutput with logits, final hidden states and the updated cache.
+    """
+    cfg = self.cfg
+    x = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds.astype(
+        cfg.compute_dtype)
+    x = apply_names(x, ("activation_batch", "activation_length", "activation_embed"))
+    positions = positions.astype(jnp.int32)
+    new_cache = None
+    if cache is not None:
+      cache_index = jnp.asarray(cache_index, jnp.int32)
+      key_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions, cache_index, axis=1)
+      if attn_mask is None:
+        attn_mask = attn_lib.make_attention_mask(positions, key_pos,
+                                                 sliding_window=cfg.sliding_window)
+      x, (ks, vs) = self.layers(x, (cache["k"], cache["v"]), positions, attn_mask, cache_index)
+      new_cache = {"k": ks, "v": vs, "pos": key_pos}
+    else:
+      if attn_mask is None:
+        attn_mask = attn_lib.make_attention_mask(positions, positions, q_seg=segment_ids,
+                                                 k_seg=segment_ids,
+                                                 sliding_window=cfg.sliding_window)
+      x, _ = self.layers(x, None, positions, attn_mask, None)
+    hidden = self.final_norm(x)
+    return ModelOutput(logits=self.logits_from_hidden(hidden), hidden=hidden, cache=new_cache)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> Cache:
+  """An empty KV cache for `batch` rows of `length` slots (all positions -1)."""
+  dtype = cfg.compute_dtype if dtype is None else dtype
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "pos": jnp.full((batch, length), -1, jnp.int32)}
+
+
+def init_params(cfg: ModelConfig, rng: Array, *, boxed: bool = False) -> Any:
+  """Random parameters; `boxed=True` keeps the logical-axis metadata boxes."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  variables = Transformer(cfg).init(rng, tokens, jnp.zeros((1, 1), jnp.int32))
+  params = variables["params"]
+  return params if boxed else nn.meta.unbox(params)
+
+
+def forward(cfg: ModelConfig, params: Any, tokens: Array, positions: Array | None = None,
+            **kwargs: Any) -> ModelOutput:
+  """Functional forward pass; positions default to 0..T-1."""
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  return Transformer(cfg).apply({"params": params}, tokens, positions, **kwargs)

@@ -1,0 +1,241 @@
+"""`train_and_evaluate(config, workdir)`: the language-model training run behind
+`python -m starjax.train`, importable from Colab.
+
+Resume order: the latest checkpoint in `workdir/checkpoints` if there is one, otherwise a fresh
+initialisation. The batch of step s is a pure function of (data seed, s) (grain random access), so
+a resumed run sees exactly the batches an uninterrupted one would, with no iterator state to save.
+On SIGTERM (TPU preemption) the loop finishes the current step, saves, waits for the write and
+returns with `preempted=True`; rerunning the same command continues from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from starjax import configs, tokenizers
+from starjax.data import corpora
+from starjax.models.config import ModelConfig, preset
+from starjax.parallel import mesh as mesh_lib
+from starjax.train import batching, checkpoint, metrics as metrics_lib, optim, state as state_lib
+from starjax.train import step as step_lib
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """Loop settings (the `train` section of an experiment config).
+
+  Attributes:
+    steps: total optimizer steps of the run (a resumed run stops at the same total).
+    batch_size: global rows per step.
+    seq_len: tokens per row.
+    pack: pack several examples per row (segment ids keep them apart) instead of padding.
+    eval_every: evaluate every N steps (and at the end); 0 disables periodic eval.
+    eval_batches: batches per evaluation (the eval split is cycled if smaller).
+    log_every: write metrics every N steps.
+    ckpt_every: save a checkpoint every N steps (and at the end, and on SIGTERM).
+    keep_ckpts: checkpoints kept on disk.
+    async_ckpt: write checkpoints in a background thread.
+    seed: parameter initialisation seed.
+    data_seed: shuffling seed.
+    progress: show a tqdm bar.
+  """
+
+  steps: int
+  batch_size: int = 16
+  seq_len: int = 256
+  pack: bool = True
+  eval_every: int = 100
+  eval_batches: int = 4
+  log_every: int = 10
+  ckpt_every: int = 100
+  keep_ckpts: int = 3
+  async_ckpt: bool = True
+  seed: int = 0
+  data_seed: int = 0
+  progress: bool = True
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "seq_len", "log_every", "ckpt_every", "keep_ckpts"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """A parsed experiment config."""
+
+  model: ModelConfig
+  mesh: mesh_lib.MeshConfig
+  optimizer: optim.OptimizerConfig
+  train: TrainConfig
+  tokenizer: str
+  data: dict[str, Any]
+
+
+_SECTIONS = ("model", "mesh", "optimizer", "train", "tokenizer", "data")
+
+
+def parse_config(config: Any, vocab_size: int | None = None) -> RunConfig:
+  """Validates a ConfigDict (unknown keys and wrong types are errors) into a RunConfig."""
+  top = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  configs.check_keys(top, list(_SECTIONS), "config")
+  model_section = dict(top.get("model") or {})
+  name = model_section.pop("preset", None)
+  if name is None:
+    raise configs.ConfigError("config.model.preset is required (e.g. 'tiny').")
+  if vocab_size is not None:
+    model_section.setdefault("vocab_size", vocab_size)
+  base = preset(name)
+  model = configs.to_dataclass(ModelConfig, {**dataclasses.asdict(base), **model_section},
+                               "config.model")
+  data = dict(top.get("data") or {})
+  task = data.get("task")
+  if task not in corpora.BUILDERS:
+    raise configs.ConfigError(f"config.data.task={task!r}; known tasks: {sorted(corpora.BUILDERS)}.")
+  return RunConfig(
+      model=model,
+      mesh=configs.to_dataclass(mesh_lib.MeshConfig, top.get("mesh"), "config.mesh"),
+      optimizer=configs.to_dataclass(optim.OptimizerConfig, top.get("optimizer"),
+                                     "config.optimizer"),
+      train=configs.to_dataclass(TrainConfig, top.get("train"), "config.train"),
+      tokenizer=str(top.get("tokenizer", "byte")),
+      data=data,
+  )
+
+
+class RowSource:
+  """Deterministic batches: the rows of step s depend only on (seed, s) and the process."""
+
+  def __init__(self, rows: dict[str, np.ndarray], batch_size: int, seed: int):
+    n = len(rows["inputs"])
+    if n == 0:
+      raise ValueError("The dataset produced no rows.")
+    self.rows = rows
+    self.batch_size = batch_size
+    self._index = grain.MapDataset.range(n).shuffle(seed=seed).repeat().batch(
+        batch_size, drop_remainder=True)
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    idx = np.asarray(self._index[step])
+    local = self.batch_size // jax.process_count()
+    idx = idx[jax.process_index() * local:(jax.process_index() + 1) * local]
+    return {k: v[idx] for k, v in self.rows.items()}
+
+
+def _check_workdir(workdir: Path) -> None:
+  if not workdir.parent.is_dir():
+    raise FileNotFoundError(f"The parent of the workdir {str(workdir)!r} does not exist: "
+                            f"{str(workdir.parent)!r}. Create it or fix --workdir.")
+  workdir.mkdir(exist_ok=True)
+
+
+def evaluate(eval_fn, params, source: RowSource, n_batches: int, mesh) -> dict[str, float]:
+  """Token-weighted loss and accuracy over `n_batches` eval batches."""
+  totals = {"loss_sum": 0.0, "tokens": 0.0, "correct": 0.0}
+  for i in range(n_batches):
+    stats = jax.device_get(eval_fn(params, step_lib.device_batch(source(i), mesh)))
+    for k in totals:
+      totals[k] += float(stats[k])
+  n = max(totals["tokens"], 1.0)
+  return {"eval_loss": totals["loss_sum"] / n, "eval_accuracy": totals["correct"] / n}
+
+
+def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
+  """Trains a language model as configured; returns the last metrics and run facts.
+
+  Returns:
+    dict with "step", "preempted", "train_loss" (last logged), eval metrics and
+    "steps_per_s".
+  """
+  workdir = Path(workdir)
+  tmp = parse_config(config)  # Fail on bad keys before touching the disk.
+  tok = tokenizers.load_tokenizer(tmp.tokenizer)
+  run = parse_config(config, vocab_size=tok.vocab_size)
+  if run.model.vocab_size < tok.vocab_size:
+    raise configs.ConfigError(f"config.model.vocab_size={run.model.vocab_size} is smaller than "
+                              f"the tokenizer's {tok.vocab_size}.")
+  tc = run.train
+  _check_workdir(workdir)
+
+  data_kwargs = {k: v for k, v in run.data.items() if k != "task"}
+  corpus = configs.call_with_config(corpora.BUILDERS[run.data["task"]], data_kwargs, "config.data",
+                                    tok=tok)
+  train_rows = batching.make_rows(corpus.train, tc.seq_len, tok.pad_id, pack=tc.pack)
+  eval_rows = batching.make_rows(corpus.eval, tc.seq_len, tok.pad_id, pack=tc.pack)
+  train_src = RowSource(train_rows, tc.batch_size, tc.data_seed)
+  eval_src = RowSource(eval_rows, tc.batch_size, tc.data_seed + 1) if len(
+      eval_rows["inputs"]) >= tc.batch_size else None
+  log.info("data: %d train rows, %d eval rows", len(train_rows["inputs"]),
+           len(eval_rows["inputs"]))
+
+  mesh = mesh_lib.make_mesh(run.mesh)
+  tx = optim.make_optimizer(run.optimizer, tc.steps)
+  schedule = optim.learning_rate_schedule(run.optimizer, tc.steps)
+  shardings = state_lib.state_shardings(run.model, tx, mesh)
+  train_fn = step_lib.jit_train_step(run.model, tx, mesh, shardings, tc.batch_size, schedule)
+  eval_fn = step_lib.jit_eval_step(run.model, mesh, shardings.params, tc.batch_size)
+
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", save_every=tc.ckpt_every,
+                                 keep=tc.keep_ckpts, async_save=tc.async_ckpt)
+  writer = metrics_lib.MetricsWriter(workdir)
+  meta = {"config": config.to_dict() if hasattr(config, "to_dict") else dict(config)}
+  start = ckpt.latest_step()
+  if start is not None:
+    state, _ = ckpt.restore(state_lib.abstract_train_state(run.model, tx, mesh))
+    writer.truncate_after(start)
+    log.info("resumed from %s at step %d", ckpt.directory, start)
+  else:
+    state = state_lib.create_train_state(run.model, tx, mesh, jax.random.key(tc.seed))
+    start = 0
+
+  result: dict[str, Any] = {"preempted": False}
+  step = start
+  t0, steps_done = time.perf_counter(), 0
+  bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not tc.progress,
+             dynamic_ncols=True)
+  try:
+    with checkpoint.PreemptionFlag() as flag:
+      while step < tc.steps:
+        state, m = train_fn(state, step_lib.device_batch(train_src(step), mesh))
+        step += 1
+        steps_done += 1
+        bar.update(1)
+        if step % tc.log_every == 0 or step == tc.steps:
+          m = {k: float(v) for k, v in jax.device_get(m).items()}
+          m["steps_per_s"] = steps_done / (time.perf_counter() - t0)
+          writer.write(step, m)
+          bar.set_postfix(loss=f"{m['loss']:.4f}")
+          result["train_loss"] = m["loss"]
+          result["steps_per_s"] = m["steps_per_s"]
+        if eval_src is not None and ((tc.eval_every and step % tc.eval_every == 0)
+                                     or step == tc.steps):
+          ev = evaluate(eval_fn, state.params, eval_src, tc.eval_batches, mesh)
+          writer.write(step, ev)
+          result.update(ev)
+        ckpt.save(step, state, meta)
+        if flag.should_stop(step):
+          log.warning("stop signal: saving step %d and exiting", step)
+          ckpt.save(step, state, meta, force=True)
+          result["preempted"] = True
+          break
+      else:
+        ckpt.save(step, state, meta, force=True)
+  finally:
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  result["step"] = step
+  result["state"] = state
+  return result
