@@ -3,10 +3,12 @@
 import glob
 import json
 import os
+import struct
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboardX.proto import event_pb2
 
 from starjax.train import metrics as metrics_lib
 
@@ -14,6 +16,23 @@ from starjax.train import metrics as metrics_lib
 def _lines(path):
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f]
+
+
+def _tb_scalars(logdir):
+  """(tag, step, value) of every scalar in the TFRecord event files under ``logdir``."""
+  out = []
+  for path in sorted(glob.glob(str(logdir / "events.out.tfevents.*"))):
+    with open(path, "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos : pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+      pos += 12 + length + 4  # length, length crc, payload, payload crc.
+      for value in event.summary.value:
+        if value.HasField("simple_value"):
+          out.append((value.tag, event.step, value.simple_value))
+  return out
 
 
 def test_write_appends_json_lines_and_tensorboard(tmp_path):
@@ -34,8 +53,10 @@ def test_write_appends_json_lines_and_tensorboard(tmp_path):
   assert _lines(workdir / "samples.jsonl") == [
       {"step": 2, "tag": "sample", "text": "Q: 2+2? A: 4"}
   ]
-  events = glob.glob(str(workdir / "tb" / "events.out.tfevents.*"))
-  assert events and any(os.path.getsize(p) > 0 for p in events)
+  assert glob.glob(str(workdir / "tb" / "events.out.tfevents.*"))
+  scalars = _tb_scalars(workdir / "tb")
+  assert ("loss", 1, 2.5) in scalars and ("tokens", 1, 128.0) in scalars
+  assert ("loss", 2, 1.5) in scalars
 
   # Re-opening appends rather than overwriting; read_metrics accepts the workdir too.
   with metrics_lib.MetricsWriter(workdir) as writer:

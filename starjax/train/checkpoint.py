@@ -263,7 +263,9 @@ class PreemptionFlag:
   ``should_stop(step)`` (or ``requested``), saves with ``force=True``, waits and exits. With
   ``sigint=True`` a second Ctrl-C falls through to the previous handler (normally
   ``KeyboardInterrupt``) so an unresponsive run can still be interrupted. Signal handlers can
-  only be installed from the main thread.
+  only be installed from the main thread. On multi-host jobs that enable JAX's preemption
+  service, the Python SIGTERM handler replaces JAX's own notifier; there, rely on
+  ``should_stop`` (which also polls the service's sync point) and skip ``install``.
   """
 
   def __init__(self, *, sigint: bool = False):

@@ -25,7 +25,9 @@ from starjax import configs, tokenizers
 from starjax.data import corpora
 from starjax.models.config import ModelConfig, preset
 from starjax.parallel import mesh as mesh_lib
-from starjax.train import batching, checkpoint, metrics as metrics_lib, optim, state as state_lib
+from starjax.train import batching, checkpoint, optim
+from starjax.train import metrics as metrics_lib
+from starjax.train import state as state_lib
 from starjax.train import step as step_lib
 
 log = logging.getLogger(__name__)
