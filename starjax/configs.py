@@ -80,11 +80,17 @@ def to_dataclass(cls: type[T], section: Any, where: str, **extra: Any) -> T:
     raise ConfigError(f"Invalid {where}: {e}") from e
 
 
-def call_with_config(fn: Callable[..., T], section: Any, where: str, **extra: Any) -> T:
-  """Calls `fn(**section, **extra)` after checking the keys against fn's signature."""
+def check_call(fn: Callable[..., Any], section: Any, where: str, provided: tuple[str, ...] = ()
+               ) -> dict[str, Any]:
+  """Checks a section's keys against fn's keyword arguments (minus `provided`); returns them."""
   values = _as_dict(section)
   params = inspect.signature(fn).parameters
   known = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-           and n not in extra]
+           and n not in provided]
   check_keys(values, known, where)
-  return fn(**values, **extra)
+  return values
+
+
+def call_with_config(fn: Callable[..., T], section: Any, where: str, **extra: Any) -> T:
+  """Calls `fn(**section, **extra)` after checking the keys against fn's signature."""
+  return fn(**check_call(fn, section, where, tuple(extra)), **extra)

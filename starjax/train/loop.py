@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import grain
+from ml_collections import config_dict
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from starjax import configs, tokenizers
 from starjax.data import corpora
-from starjax.models.config import ModelConfig, preset
+from starjax.models.config import PRESETS, ModelConfig
 from starjax.parallel import mesh as mesh_lib
 from starjax.train import batching, checkpoint, optim
 from starjax.train import metrics as metrics_lib
@@ -88,6 +89,27 @@ class RunConfig:
 _SECTIONS = ("model", "mesh", "optimizer", "train", "tokenizer", "data")
 
 
+def _defaults(cls: type) -> dict[str, Any]:
+  return {f.name: f.default for f in dataclasses.fields(cls)
+          if f.default is not dataclasses.MISSING}
+
+
+def default_config() -> config_dict.ConfigDict:
+  """Every section with its library defaults, so any field can be overridden from the CLI.
+
+  Experiment files start from this and change what they need:
+  `c = loop.default_config(); c.train.steps = 300; ...`.
+  """
+  c = config_dict.ConfigDict()
+  c.tokenizer = "byte"
+  c.model = {"preset": "tiny", "dtype": "float32", "remat": "none"}
+  c.mesh = _defaults(mesh_lib.MeshConfig)
+  c.optimizer = _defaults(optim.OptimizerConfig)
+  c.train = {"steps": 1000, **_defaults(TrainConfig)}
+  c.data = {"task": "arithmetic"}
+  return c
+
+
 def parse_config(config: Any, vocab_size: int | None = None) -> RunConfig:
   """Validates a ConfigDict (unknown keys and wrong types are errors) into a RunConfig."""
   top = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -98,13 +120,17 @@ def parse_config(config: Any, vocab_size: int | None = None) -> RunConfig:
     raise configs.ConfigError("config.model.preset is required (e.g. 'tiny').")
   if vocab_size is not None:
     model_section.setdefault("vocab_size", vocab_size)
-  base = preset(name)
-  model = configs.to_dataclass(ModelConfig, {**dataclasses.asdict(base), **model_section},
-                               "config.model")
+  if name not in PRESETS:
+    raise configs.ConfigError(f"config.model.preset={name!r}; known: {sorted(PRESETS)}.")
+  # Merge with the preset's raw fields, not a built config, so derived fields (head_dim)
+  # follow overrides of dim or n_heads.
+  model = configs.to_dataclass(ModelConfig, {**PRESETS[name], **model_section}, "config.model")
   data = dict(top.get("data") or {})
   task = data.get("task")
   if task not in corpora.BUILDERS:
     raise configs.ConfigError(f"config.data.task={task!r}; known tasks: {sorted(corpora.BUILDERS)}.")
+  configs.check_call(corpora.BUILDERS[task], {k: v for k, v in data.items() if k != "task"},
+                     "config.data", provided=("tok",))
   return RunConfig(
       model=model,
       mesh=configs.to_dataclass(mesh_lib.MeshConfig, top.get("mesh"), "config.mesh"),

@@ -38,7 +38,7 @@ def train_step(state: TrainState, batch: Batch, *, cfg: ModelConfig,
   params = optax.apply_updates(state.params, updates)
   metrics = {
       "loss": loss,
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": optax.tree.norm(grads),
       "tokens": stats["tokens"],
       "accuracy": stats["correct"] / jnp.maximum(stats["tokens"], 1.0),
   }
