@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import grain
-from ml_collections import config_dict
 import jax
 import numpy as np
+from ml_collections import config_dict
 from tqdm.auto import tqdm
 
 from starjax import configs, tokenizers
