@@ -75,7 +75,47 @@ def text_files_corpus(tok, *, train_files: Sequence[str], eval_files: Sequence[s
   return Corpus(train=[enc(d) for d in train_docs], eval=[enc(d) for d in eval_docs])
 
 
+def arithmetic_seed_corpus(tok, *, rationale_digits: Sequence[int] = (1, 2),
+                           n_rationale_per_digit: int = 300, hint_fraction: float = 0.3,
+                           answer_digits: Sequence[int] = (1, 2, 3, 4, 5),
+                           n_answer_per_digit: int = 300, n_test_per_digit: int = 100,
+                           seed: int = 0) -> Corpus:
+  """The seed set of the STaR arithmetic demo (the analogue of the paper's few-shot prompt).
+
+  Scratchpad rationales only for `rationale_digits`; a `hint_fraction` of them also appear with
+  the answer as a hint after "Target:" (like the paper's answer-key prompts, so the model can
+  rationalize); answer-only problems for every digit count in `answer_digits`. Problems come from
+  the train side of `arithmetic.make_splits(seed, ..., n_test_per_digit)`, so they never overlap
+  the STaR task's test split when it uses the same seed and test size. Loss on completions only.
+  The eval side holds scratchpads for every answer digit count (a held-out probe).
+  """
+  digits = sorted(set(rationale_digits) | set(answer_digits))
+  n_train = n_rationale_per_digit + n_answer_per_digit
+  splits = arithmetic.make_splits(seed, digits=digits, n_train_per_digit=n_train,
+                                  n_test_per_digit=n_test_per_digit, ood_digits=())
+  rng = np.random.default_rng([seed, 7])
+  by_digit: dict[int, list] = {}
+  for p in splits["train"]:
+    by_digit.setdefault(p.digits, []).append(p)
+  train = []
+  for d, problems in by_digit.items():
+    problems = [problems[i] for i in rng.permutation(len(problems))]
+    n_rat = min(n_rationale_per_digit, len(problems)) if d in rationale_digits else 0
+    for p in problems[:n_rat]:
+      hinted = rng.random() < hint_fraction
+      prompt = arithmetic.prompt_with_hint(p) if hinted else arithmetic.prompt(p)
+      train.append(_encode_example(tok, prompt, arithmetic.scratchpad(p), True))
+    if d in answer_digits:
+      for p in problems[n_rat:n_rat + n_answer_per_digit]:
+        train.append(_encode_example(tok, arithmetic.prompt(p), arithmetic.direct_answer(p), True))
+  order = rng.permutation(len(train))
+  evals = [_encode_example(tok, arithmetic.prompt(p), arithmetic.scratchpad(p), True)
+           for p in splits["test"][:: max(1, len(splits["test"]) // 64)]]
+  return Corpus(train=[train[i] for i in order], eval=evals)
+
+
 BUILDERS: dict[str, Callable[..., Corpus]] = {
     "arithmetic": arithmetic_corpus,
+    "arithmetic_seed": arithmetic_seed_corpus,
     "text_files": text_files_corpus,
 }
