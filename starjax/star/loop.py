@@ -211,7 +211,7 @@ class STaR:
           lambda: self._generate(prev, wrong, hint=True, seed=cfg.seed * 1000 + n + 500)
           if wrong else [], atomic_write_jsonl, read_jsonl)
       timings["rationalize_s"] = time.perf_counter() - t
-    del prev
+    prev = None  # Free M_{n-1} before fine-tuning.
     kept = _stage(d / "kept.jsonl", lambda: self._kept(n, samples, rationalized),
                   atomic_write_jsonl, read_jsonl)
 
