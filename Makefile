@@ -9,7 +9,7 @@ WORKDIR ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-fast lint pretrain-tiny clean
+.PHONY: help install test test-fast lint demo star-arithmetic pretrain-tiny clean
 
 help:  ## List targets.
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -34,6 +34,12 @@ test-fast: $(STAMP)  ## Tests without the slow marker.
 lint: $(STAMP)  ## ruff over the package, tests, experiments and benchmarks.
 	$(BIN)/pip install -q ruff
 	$(BIN)/ruff check starjax tests experiments
+
+demo: $(STAMP)  ## STaR on arithmetic from scratch on CPU (WORKDIR=runs/star_arithmetic, ARGS=).
+	$(BIN)/python -m starjax.star --config=experiments/star_arithmetic.py \
+	  --workdir=$(or $(WORKDIR),runs/star_arithmetic) $(ARGS)
+
+star-arithmetic: demo  ## Same as demo.
 
 pretrain-tiny: $(STAMP)  ## Pretrain the tiny model on arithmetic scratchpads (WORKDIR=, ARGS=).
 	$(BIN)/python -m starjax.train --config=experiments/pretrain_tiny.py \

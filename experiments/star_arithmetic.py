@@ -31,8 +31,8 @@ def base_config() -> config_dict.ConfigDict:
                 hint_fraction=0.3, answer_digits=DIGITS, n_answer_per_digit=600,
                 n_test_per_digit=N_TEST, seed=SEED)
   c.optimizer.update(lr=2e-3, warmup_steps=50, schedule="cosine", weight_decay=0.01)
-  c.train.update(steps=600, batch_size=16, seq_len=512, eval_every=200, eval_batches=2,
-                 log_every=20, ckpt_every=200, keep_ckpts=1, progress=True)
+  c.train.update(steps=500, batch_size=16, seq_len=256, eval_every=250, eval_batches=2,
+                 log_every=25, ckpt_every=100, keep_ckpts=1, progress=True)
   return c
 
 
@@ -46,7 +46,7 @@ def get_config() -> config_dict.ConfigDict:
   c.star = dict(iterations=6, samples_per_question=1, greedy=True, max_new_tokens=160,
                 gen_batch_size=256, n_train_questions=None, rationalize=True,
                 max_kept_per_question=1, union=False, base_steps=40, step_growth=1.2,
-                batch_size=16, seq_len=512, pack=True, eval_splits=("test", "ood_test"),
+                batch_size=16, seq_len=256, pack=True, eval_splits=("test", "ood_test"),
                 n_eval=None, eval_batch_size=256, seed=SEED,
                 optimizer=dict(lr=1e-3, warmup_steps=10, schedule="constant", weight_decay=0.01))
   return c

@@ -17,12 +17,16 @@ def to_example(p: arithmetic.Problem) -> Example:
                  meta={"a": p.a, "b": p.b, "digits": p.digits})
 
 
+SCRATCH = arithmetic.SCRATCH_OPEN + "\n"
+
+
 class ArithmeticTask(Task):
   """Addition with a scratchpad; train and test problems are disjoint; OOD digit counts for eval.
 
   The model learns the format from training data, not from in-context exemplars, so `few_shot`
   is empty: with a model trained from scratch the seed set plays the role of the paper's
-  few-shot prompt.
+  few-shot prompt. Prompts end with "<scratch>\n", which asks for a rationale the way the
+  paper's scratchpad exemplars do; answer-only examples (seed set) use the bare prompt.
   """
 
   name = "arithmetic"
@@ -41,23 +45,23 @@ class ArithmeticTask(Task):
     return [to_example(p) for p in self._splits[split]]
 
   def prompt(self, ex: Example) -> str:
-    return arithmetic.prompt(_problem(ex))
+    return arithmetic.prompt(_problem(ex)) + SCRATCH
 
   def prompt_with_hint(self, ex: Example) -> str:
-    return arithmetic.prompt_with_hint(_problem(ex))
+    return arithmetic.prompt_with_hint(_problem(ex)) + SCRATCH
 
   def canonical(self, answer: str) -> str:
     return answer.strip()
 
   def extract_answer(self, completion: str) -> str | None:
-    value = arithmetic.extract_answer(completion)
+    value = arithmetic.extract_answer(SCRATCH + completion)
     return None if value is None else str(value)
 
   def group(self, ex: Example) -> str:
     return str(ex.meta["digits"])
 
   def reference_completion(self, ex: Example) -> str:
-    return arithmetic.scratchpad(_problem(ex))
+    return arithmetic.scratchpad(_problem(ex))[len(SCRATCH):]
 
   def direct_completion(self, ex: Example) -> str:
     return arithmetic.direct_answer(_problem(ex))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from starjax.data import arithmetic
+from starjax.data import arithmetic, arithmetic_task
 from starjax.train.batching import Example
 
 
@@ -89,6 +89,7 @@ def arithmetic_seed_corpus(tok, *, rationale_digits: Sequence[int] = (1, 2),
   the STaR task's test split when it uses the same seed and test size. Loss on completions only.
   The eval side holds scratchpads for every answer digit count (a held-out probe).
   """
+  task = arithmetic_task.ArithmeticTask(digits=(1,), n_train_per_digit=1, n_test_per_digit=1)
   digits = sorted(set(rationale_digits) | set(answer_digits))
   n_train = n_rationale_per_digit + n_answer_per_digit
   splits = arithmetic.make_splits(seed, digits=digits, n_train_per_digit=n_train,
@@ -103,14 +104,16 @@ def arithmetic_seed_corpus(tok, *, rationale_digits: Sequence[int] = (1, 2),
     n_rat = min(n_rationale_per_digit, len(problems)) if d in rationale_digits else 0
     for p in problems[:n_rat]:
       hinted = rng.random() < hint_fraction
-      prompt = arithmetic.prompt_with_hint(p) if hinted else arithmetic.prompt(p)
-      train.append(_encode_example(tok, prompt, arithmetic.scratchpad(p), True))
+      ex = arithmetic_task.to_example(p)
+      prompt = task.prompt_with_hint(ex) if hinted else task.prompt(ex)
+      train.append(_encode_example(tok, prompt, task.reference_completion(ex), True))
     if d in answer_digits:
       for p in problems[n_rat:n_rat + n_answer_per_digit]:
         train.append(_encode_example(tok, arithmetic.prompt(p), arithmetic.direct_answer(p), True))
   order = rng.permutation(len(train))
-  evals = [_encode_example(tok, arithmetic.prompt(p), arithmetic.scratchpad(p), True)
-           for p in splits["test"][:: max(1, len(splits["test"]) // 64)]]
+  evals = [_encode_example(tok, task.prompt(ex), task.reference_completion(ex), True)
+           for ex in map(arithmetic_task.to_example,
+                         splits["test"][:: max(1, len(splits["test"]) // 64)])]
   return Corpus(train=[train[i] for i in order], eval=evals)
 
 
