@@ -17,7 +17,7 @@ from starjax.parallel import mesh as mesh_lib
 from starjax.star.config import STaRConfig
 from starjax.star.loop import STaR
 from starjax.train import optim
-from starjax.utils_io import atomic_write_json
+from starjax.utils_io import atomic_write_json, atomic_writer
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,9 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> None:
   ax.legend(fontsize=8)
   ax.set_title(f"STaR on {results['task']}")
   fig.tight_layout()
-  tmp = path.with_name(f".{path.name}.tmp.png")
-  fig.savefig(tmp, dpi=120)
+  with atomic_writer(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=120)
   plt.close(fig)
-  tmp.replace(path)
 
 
 def format_table(results: dict[str, Any]) -> str:
