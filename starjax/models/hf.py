@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint interop for Llama, Mistral and Qwen2 causal LMs (numpy only).
+"""Hugging Face checkpoint interop for Llama, Mistral and Qwen2 causal LMs (numpy; no torch).
 
 Converts `config.json` dicts to `ModelConfig` and HF tensor names/layouts to the starjax parameter
 tree, and back. HF `nn.Linear` weights are (out, in); starjax kernels are (in, out) with the q/k/v
@@ -194,7 +194,8 @@ def config_to_hf(cfg: ModelConfig, architecture: str | None = None,
     architecture = ("Qwen2ForCausalLM" if cfg.qkv_bias else
                     "MistralForCausalLM" if cfg.sliding_window is not None else "LlamaForCausalLM")
   if architecture not in ARCHITECTURES:
-    raise ValueError(f"Unsupported architecture {architecture!r}; supported: {list(ARCHITECTURES)}.")
+    raise ValueError(f"Unsupported architecture {architecture!r}; supported: "
+                     f"{list(ARCHITECTURES)}.")
   if architecture == "Qwen2ForCausalLM" and not cfg.qkv_bias:
     raise ValueError("Qwen2ForCausalLM always has q/k/v biases; cfg.qkv_bias is False.")
   if architecture != "Qwen2ForCausalLM" and cfg.qkv_bias:
@@ -680,6 +681,18 @@ def save_tokenizer_files(tokenizer: Tokenizer, out_dir: str,
 # Export.
 
 
+def _umask_permissions(root: str) -> None:
+  """mkdtemp (and some writers) create private files; give them the usual umask permissions."""
+  mask = os.umask(0)
+  os.umask(mask)
+  os.chmod(root, 0o777 & ~mask)
+  for folder, dirs, files in os.walk(root):
+    for d in dirs:
+      os.chmod(os.path.join(folder, d), 0o777 & ~mask)
+    for f in files:
+      os.chmod(os.path.join(folder, f), 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) -> Iterator[str]:
   """Yields a temporary directory that replaces `out_dir` only if the block succeeds.
@@ -699,7 +712,7 @@ def atomic_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) -> Iter
   tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
   try:
     yield tmp
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; give it ordinary directory permissions.
+    _umask_permissions(tmp)
     old = None
     if os.path.lexists(out):
       old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
