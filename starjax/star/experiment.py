@@ -135,6 +135,9 @@ def run_experiment(config: Any, workdir: str | Path, *, progress: bool = True) -
   if not workdir.parent.is_dir():
     raise FileNotFoundError(f"The parent of the workdir {str(workdir)!r} does not exist.")
   workdir.mkdir(exist_ok=True)
+  # The run's config next to its results, so tools (model soups, eval) can rebuild the task and
+  # the model from the workdir alone.
+  atomic_write_json(workdir / "config.json", top)
   model_cfg, params, tok = _base_model(config, workdir, config.tokenizer)
   mesh = mesh_lib.make_mesh(mesh_cfg)
   runner = STaR(task=task, model_cfg=model_cfg, base_params=params, tokenizer=tok,
