@@ -198,3 +198,22 @@ def test_config_validation():
   cfg = models.preset("tiny")
   with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.dim = 3
+
+
+@pytest.mark.parametrize("form", ["bool", "bias3", "bias4"])
+def test_fast_attention_equals_reference(form):
+  rng = np.random.default_rng(1)
+  q = jnp.asarray(rng.normal(size=(2, 5, 4, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, 7, 2, 8)), jnp.float32) for _ in range(2))
+  mask = jnp.asarray(rng.random((2, 5, 7)) > 0.4).at[0, 2].set(False)  # One row sees nothing.
+  if form == "bias3":
+    mask = jnp.where(mask, 0.0, attn_lib.MASK_VALUE)
+  elif form == "bias4":
+    mask = jnp.asarray(rng.normal(size=(2, 4, 5, 7)), jnp.float32)
+  fast = attn_lib.dot_product_attention(q, k, v, mask)
+  ref = attn_lib.reference_attention(q, k, v, mask)
+  assert np.isfinite(np.asarray(fast)).all()
+  np.testing.assert_allclose(np.asarray(fast), np.asarray(ref), atol=1e-5)
+  g = jax.grad(lambda q: attn_lib.dot_product_attention(q, k, v, mask).sum())(q)
+  g_ref = jax.grad(lambda q: attn_lib.reference_attention(q, k, v, mask).sum())(q)
+  np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-4)

@@ -1,0 +1,267 @@
+"""Quiet-STaR forward: one base pass, then all thought and talk steps in parallel over positions.
+
+The decoder math is re-expressed as pure functions of the decoder's own parameter tree (the layout
+of `starjax.models.Transformer`, layers stacked on a leading axis), so the base model stays
+loadable by `starjax.models.forward` and the layer loop can mix base and thought attention.
+`tests/test_quiet_star.py` checks this loop against `starjax.models.forward`.
+
+Step k >= 1 runs the whole decoder on L rows at once (row t = the thought branch of position t, at
+position id t + k). Its attention sees the base keys (causal, padding-masked) and the row's own keys
+from steps 1..k (see `quiet_star.attention`). Thought keys/values live in a per-layer buffer
+(n_layers, S - 1, B, L, K, D) carried through `lax.scan` over steps; each step is rematerialised.
+Note: scan keeps the carried buffer once per step for the backward pass (O(S^2 L) key/value
+memory); the step activations themselves are recomputed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from starjax.models import attention as attn_lib
+from starjax.models.config import ModelConfig
+from starjax.quiet_star import attention as qs_attn
+from starjax.quiet_star.config import QuietStarConfig
+
+Array = jax.Array
+Params = dict[str, Any]
+# choose(k, logits (B, L, V) f32, start/end suppressed, detached) -> thought token c_k (B, L) int32.
+Chooser = Callable[[Array, Array], Array]
+
+SUPPRESSED_LOGIT = -1e10
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@flax.struct.dataclass
+class BaseOutputs:
+  """The ordinary causal pass (step 0).
+
+  Attributes:
+    hidden: (B, L, dim) final-norm hidden states.
+    logits: (B, L, vocab) LM-head logits.
+    k: (n_layers, B, L, K, D) rotated keys of every layer.
+    v: (n_layers, B, L, K, D) values of every layer.
+  """
+
+  hidden: Array
+  logits: Array
+  k: Array
+  v: Array
+
+
+@flax.struct.dataclass
+class ThoughtOutputs:
+  """Steps 1..S-1 of one pass.
+
+  Attributes:
+    hidden: (S - 1, B, L, dim) final-norm hidden states; hidden[k - 1] is step k. The talk steps
+      are the last T entries.
+    tokens: (M, B, L) thought tokens c_1..c_M (c_i is the input of step i + 1).
+    logp: (M, B, L) log-probability of c_i under step i's logits at the reinforce temperature
+      (start/end ids suppressed); differentiable in the parameters.
+  """
+
+  hidden: Array
+  tokens: Array
+  logp: Array
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder math on the Transformer's parameter tree.
+
+
+def rms_norm(x: Array, scale: Array, eps: float, dtype: Any) -> Array:
+  """RMSNorm as in `llama.RMSNorm`: float32 statistics, learned scale, cast to `dtype`."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * scale).astype(dtype)
+
+
+def embed_tokens(lm: Params, tokens: Array, model_cfg: ModelConfig) -> Array:
+  """Token ids (...) -> embeddings (..., dim) in the compute dtype."""
+  table = lm["embed"]["embedding"].astype(model_cfg.compute_dtype)
+  return jnp.take(table, tokens, axis=0)
+
+
+def logits_from_hidden(lm: Params, hidden: Array, model_cfg: ModelConfig) -> Array:
+  """Final-norm hidden states (..., dim) -> logits (..., vocab) (tied or separate head)."""
+  dt = model_cfg.compute_dtype
+  if model_cfg.tie_embeddings:
+    return jnp.dot(hidden.astype(dt), lm["embed"]["embedding"].astype(dt).T)
+  return jnp.dot(hidden.astype(dt), lm["lm_head"]["kernel"].astype(dt))
+
+
+def _proj(p: Params, x: Array, dtype: Any) -> Array:
+  y = jnp.einsum("btd,dhk->bthk", x.astype(dtype), p["kernel"].astype(dtype))
+  if "bias" in p:
+    y = y + p["bias"].astype(dtype)
+  return y
+
+
+def _qkv(attn: Params, x: Array, positions: Array, model_cfg: ModelConfig
+         ) -> tuple[Array, Array, Array]:
+  dt = model_cfg.compute_dtype
+  q = attn_lib.apply_rope(_proj(attn["q_proj"], x, dt), positions, model_cfg.rope_theta)
+  k = attn_lib.apply_rope(_proj(attn["k_proj"], x, dt), positions, model_cfg.rope_theta)
+  return q, k, _proj(attn["v_proj"], x, dt)
+
+
+def _attn_out(attn: Params, o: Array, dtype: Any) -> Array:
+  return jnp.einsum("bthk,hkd->btd", o.astype(dtype), attn["o_proj"]["kernel"].astype(dtype))
+
+
+def _mlp(mlp: Params, x: Array, dtype: Any) -> Array:
+  x = x.astype(dtype)
+  gate = jnp.dot(x, mlp["gate_proj"]["kernel"].astype(dtype))
+  up = jnp.dot(x, mlp["up_proj"]["kernel"].astype(dtype))
+  return jnp.dot(jax.nn.silu(gate) * up, mlp["down_proj"]["kernel"].astype(dtype))
+
+
+def _layer(lp: Params, x: Array, positions: Array, model_cfg: ModelConfig,
+           attend: Callable[[Array, Array, Array], tuple[Array, Any]]) -> tuple[Array, Any]:
+  """One pre-norm block. `attend(q, k, v) -> (o, aux)` is the attention (base or thought); the
+  block returns (x, aux)."""
+  dt, eps = model_cfg.compute_dtype, model_cfg.norm_eps
+  q, k, v = _qkv(lp["attn"], rms_norm(x, lp["input_norm"]["scale"], eps, dt), positions, model_cfg)
+  o, aux = attend(q, k, v)
+  x = x + _attn_out(lp["attn"], o, dt)
+  return x + _mlp(lp["mlp"], rms_norm(x, lp["post_attn_norm"]["scale"], eps, dt), dt), aux
+
+
+def _maybe_remat(fn: Callable, model_cfg: ModelConfig) -> Callable:
+  if model_cfg.remat == "none":
+    return fn
+  return jax.checkpoint(fn, policy=_REMAT_POLICIES[model_cfg.remat], prevent_cse=False)
+
+
+def step_positions(batch: int, length: int, step: Array | int) -> Array:
+  """Position ids (B, L) of thought step `step`: row t sits at t + step."""
+  return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32) + step, (batch, length))
+
+
+# ---------------------------------------------------------------------------------------------
+# Base pass and thought steps.
+
+
+def base_pass(lm: Params, tokens: Array, valid: Array, model_cfg: ModelConfig) -> BaseOutputs:
+  """The causal pass over `tokens` (B, L); `valid` (B, L) marks real tokens (others are keys no
+  row attends to). Equals `starjax.models.forward` on every valid row."""
+  b, n = tokens.shape
+  positions = step_positions(b, n, 0)
+  mask = qs_attn.base_block_mask(valid, 0, model_cfg.sliding_window)
+
+  def layer(x, lp):
+    return _layer(lp, x, positions, model_cfg,
+                  lambda q, k, v: (attn_lib.dot_product_attention(q, k, v, mask), (k, v)))
+
+  x = embed_tokens(lm, tokens, model_cfg)
+  x, (ks, vs) = jax.lax.scan(_maybe_remat(layer, model_cfg), x, lm["layers"])
+  hidden = rms_norm(x, lm["final_norm"]["scale"], model_cfg.norm_eps, model_cfg.compute_dtype)
+  return BaseOutputs(hidden=hidden, logits=logits_from_hidden(lm, hidden, model_cfg), k=ks, v=vs)
+
+
+def thought_step(lm: Params, x: Array, step: Array, base: BaseOutputs, valid: Array,
+                 buf_k: Array, buf_v: Array, model_cfg: ModelConfig
+                 ) -> tuple[Array, Array, Array]:
+  """Runs step `step` >= 1 on input embeddings `x` (B, L, dim).
+
+  Writes the step's keys/values into slot `step - 1` of the buffers (n_layers, S - 1, B, L, K, D)
+  and returns (final-norm hidden (B, L, dim), buf_k, buf_v).
+  """
+  b, n = x.shape[:2]
+  window = model_cfg.sliding_window
+  positions = step_positions(b, n, step)
+  mask = qs_attn.base_block_mask(valid, step, window)
+  slots = qs_attn.thought_slot_mask(step, buf_k.shape[1], window)
+
+  def layer(x, xs):
+    lp, kb, vb, bk, bv = xs
+
+    def attend(q, k, v):
+      bk2 = jax.lax.dynamic_update_index_in_dim(bk, k.astype(bk.dtype), step - 1, 0)
+      bv2 = jax.lax.dynamic_update_index_in_dim(bv, v.astype(bv.dtype), step - 1, 0)
+      return qs_attn.thought_attention(q, kb, vb, mask, bk2, bv2, slots), (bk2, bv2)
+
+    return _layer(lp, x, positions, model_cfg, attend)
+
+  x, (buf_k, buf_v) = jax.lax.scan(_maybe_remat(layer, model_cfg), x,
+                                   (lm["layers"], base.k, base.v, buf_k, buf_v))
+  hidden = rms_norm(x, lm["final_norm"]["scale"], model_cfg.norm_eps, model_cfg.compute_dtype)
+  return hidden, buf_k, buf_v
+
+
+def suppress(logits: Array, ids: tuple[int, ...]) -> Array:
+  """float32 logits with the given ids set to -1e10 (never sampled)."""
+  logits = logits.astype(jnp.float32)
+  if ids:
+    logits = logits.at[..., jnp.asarray(ids)].set(SUPPRESSED_LOGIT)
+  return logits
+
+
+def shift_left(x: Array, n: int, fill: Any) -> Array:
+  """x[:, t + n] at column t (axis 1), `fill` past the end."""
+  if n == 0:
+    return x
+  pad = jnp.full((x.shape[0], n) + x.shape[2:], fill, x.dtype)
+  return jnp.concatenate([x[:, n:], pad], axis=1)[:, :x.shape[1]]
+
+
+def thought_embeddings(params: Params, cfg: QuietStarConfig, model_cfg: ModelConfig
+                       ) -> tuple[Array, Array]:
+  """The start/end-of-thought embeddings as used (stored value x embedding_scale)."""
+  dt = model_cfg.compute_dtype
+  th = params["thought"]
+  return ((th["start_embedding"] * cfg.embedding_scale).astype(dt),
+          (th["end_embedding"] * cfg.embedding_scale).astype(dt))
+
+
+def shift_left_dynamic(x: Array, n: Array, fill: Any) -> Array:
+  """`shift_left` for a traced shift 0 <= n <= L."""
+  length = x.shape[1]
+  pad = jnp.full((x.shape[0], length) + x.shape[2:], fill, x.dtype)
+  return jax.lax.dynamic_slice_in_dim(jnp.concatenate([x, pad], axis=1), n, length, axis=1)
+
+
+def thought_pass(params: Params, base: BaseOutputs, tokens: Array, valid: Array,
+                 cfg: QuietStarConfig, model_cfg: ModelConfig, choose: Chooser) -> ThoughtOutputs:
+  """Steps 1..S-1 of one pass for every position of `tokens` (B, L), as one `lax.scan`.
+
+  Step k reads: start (k = 1), the previous step's thought token (2 <= k <= M + 1), end
+  (k = M + 2) or the teacher-forced x_{t+k-M-2} (k > M + 2). At k <= M it draws c_k =
+  choose(k, logits) and keeps log pi(c_k) at the reinforce temperature. (The token choice also runs,
+  unused, at the later steps: one step body keeps the compiled program small.)
+  """
+  lm = params["lm"]
+  b, n = tokens.shape
+  m, n_steps, end_step = cfg.n_sampled, cfg.n_steps, cfg.end_step
+  dt = model_cfg.compute_dtype
+  start, end = thought_embeddings(params, cfg, model_cfg)
+  buf_shape = (model_cfg.n_layers, n_steps - 1, b, n, model_cfg.n_kv_heads, model_cfg.head_dim)
+
+  def body(carry, step):
+    buf_k, buf_v, prev = carry
+    forced_ids = shift_left_dynamic(tokens, jnp.maximum(step - end_step, 0), cfg.fill_id)
+    ids = jnp.where(step <= m + 1, prev, forced_ids)
+    x = embed_tokens(lm, ids, model_cfg)
+    x = jnp.where(step == 1, start, jnp.where(step == end_step, end, x))
+    h, buf_k, buf_v = thought_step(lm, x, step, base, valid, buf_k, buf_v, model_cfg)
+    logits = suppress(logits_from_hidden(lm, h, model_cfg), cfg.suppress_ids)
+    tok = choose(step, jax.lax.stop_gradient(logits)).astype(jnp.int32)
+    logp = jax.nn.log_softmax(logits / cfg.reinforce_temperature, axis=-1)
+    logp = jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0]
+    return (buf_k, buf_v, tok), (h, tok, logp)
+
+  if cfg.remat_steps:
+    body = jax.checkpoint(body, prevent_cse=False)
+  init = (jnp.zeros(buf_shape, dt), jnp.zeros(buf_shape, dt),
+          jnp.full((b, n), cfg.fill_id, jnp.int32))
+  _, (hidden, toks, logp) = jax.lax.scan(body, init, jnp.arange(1, n_steps, dtype=jnp.int32))
+  return ThoughtOutputs(hidden=hidden, tokens=toks[:m], logp=logp[:m])
