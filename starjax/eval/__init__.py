@@ -5,8 +5,9 @@ Modules:
   plots: coverage plots written atomically as PNG.
   checkpoints: params (only) from a `python -m starjax.train` workdir.
   repeated: `run_repeated_sampling` and the `python -m starjax.eval.repeated` command line.
+  soups: uniform and greedy model soups (`python -m starjax.eval.soups --star_workdir=DIR`).
 
-`repeated` and `checkpoints` are imported lazily (on first attribute access), so that running
+`repeated`, `checkpoints` and `soups` are imported lazily (on first attribute access), so that running
 `python -m starjax.eval.repeated` does not import the module twice.
 """
 
@@ -30,12 +31,15 @@ _LAZY = {
     "run_repeated_sampling": "starjax.eval.repeated",
     "score_samples": "starjax.eval.repeated",
     "load_params_from_workdir": "starjax.eval.checkpoints",
+    "uniform_soup": "starjax.eval.soups",
+    "greedy_soup": "starjax.eval.soups",
+    "soup_star_run": "starjax.eval.soups",
 }
 
 __all__ = [
     "best_of_k", "fit_power_law", "load_params_from_workdir", "majority_accuracy",
-    "majority_vote", "pass_at_k", "pass_at_k_curve", "plot_coverage", "power_law",
-    "run_repeated_sampling", "score_samples",
+    "greedy_soup", "majority_vote", "pass_at_k", "pass_at_k_curve", "plot_coverage", "power_law",
+    "run_repeated_sampling", "score_samples", "soup_star_run", "uniform_soup",
 ]
 
 
