@@ -540,3 +540,15 @@ def test_registry():
     registry.get_task("gsm9k")
   with pytest.raises(configs.ConfigError, match="n_shots"):
     registry.get_task("gsm8k", n_shots=3)
+
+
+def test_csqa_train_from_dev_is_a_disjoint_holdout():
+  if not (SHARED_DATA / "commonsenseqa").exists():
+    pytest.skip("shared CommonsenseQA data not available")
+  from starjax.data.commonsense_qa import CommonsenseQATask
+  task = CommonsenseQATask(SHARED_DATA / "commonsenseqa", use_tfds=False, train_from_dev=50)
+  train, dev = task.load("train"), task.load("validation")
+  assert len(train) == 50 and len(dev) == 1221 - 50
+  assert not {e.id for e in train} & {e.id for e in dev}
+  with pytest.raises(ValueError, match="leaves no validation"):
+    CommonsenseQATask(SHARED_DATA / "commonsenseqa", use_tfds=False, train_from_dev=5000).load("train")

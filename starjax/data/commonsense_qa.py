@@ -36,6 +36,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from starjax.data.tasks import Example, Task
 
 ENV_DATA_DIR = "STARJAX_DATA_DIR"
@@ -207,9 +209,14 @@ class CommonsenseQATask(Task):
 
   def __init__(self, data_dir: str | os.PathLike[str] | None = None, *,
                tfds_dir: str | os.PathLike[str] | None = None, use_tfds: bool = True,
-               n_few_shot: int = len(EXEMPLARS)):
+               n_few_shot: int = len(EXEMPLARS), train_from_dev: int = 0):
+    """See the class docstring; `train_from_dev` > 0 is a pipeline check without the train file:
+    "train" becomes that many seeded-random dev questions and "validation" the disjoint rest."""
     if not 0 <= n_few_shot <= len(EXEMPLARS):
       raise ValueError(f"n_few_shot must be in [0, {len(EXEMPLARS)}], got {n_few_shot}")
+    if train_from_dev < 0:
+      raise ValueError(f"train_from_dev must be >= 0, got {train_from_dev}")
+    self.train_from_dev = train_from_dev
     if data_dir is None and os.environ.get(ENV_DATA_DIR):
       data_dir = Path(os.environ[ENV_DATA_DIR]) / "commonsenseqa"
     self.data_dir = None if data_dir is None else Path(data_dir).expanduser()
@@ -227,6 +234,17 @@ class CommonsenseQATask(Task):
 
   def load(self, split: str) -> list[Example]:
     split = _resolve_split(split)
+    if self.train_from_dev and split in ("train", "validation"):
+      dev = self._load_split("validation")
+      if self.train_from_dev >= len(dev):
+        raise ValueError(f"train_from_dev={self.train_from_dev} leaves no validation questions "
+                         f"(dev has {len(dev)}).")
+      order = np.random.default_rng(0).permutation(len(dev))
+      take = set(order[:self.train_from_dev].tolist())
+      return [ex for i, ex in enumerate(dev) if (i in take) == (split == "train")]
+    return self._load_split(split)
+
+  def _load_split(self, split: str) -> list[Example]:
     if split not in self._cache:
       self._cache[split] = self._load_tfds(split) if self.use_tfds else self._load_jsonl(split)
     return list(self._cache[split])
