@@ -86,6 +86,7 @@ def summarize(history: list[dict[str, Any]], task_name: str) -> dict[str, Any]:
 def plot_accuracy(results: dict[str, Any], path: Path) -> None:
   """Held-out accuracy per group (digit count) across iterations, one line per group."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
@@ -96,6 +97,7 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> None:
   for g in groups:
     ax.plot([r["iteration"] for r in its], [r["accuracy_by_group"].get(g) for r in its],
             marker="o", label=f"{g} digits" if results["task"] == "arithmetic" else g or "all")
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax.set_xlabel("STaR iteration (0 = base model)")
   ax.set_ylabel("held-out accuracy")
   ax.set_ylim(-0.02, 1.02)
