@@ -9,7 +9,7 @@ WORKDIR ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-fast lint demo star-arithmetic pretrain-tiny clean
+.PHONY: help install test test-fast lint demo star-arithmetic star-gsm8k star-csqa bench pretrain-tiny clean
 
 help:  ## List targets.
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -33,13 +33,24 @@ test-fast: $(STAMP)  ## Tests without the slow marker.
 
 lint: $(STAMP)  ## ruff over the package, tests, experiments and benchmarks.
 	$(BIN)/pip install -q ruff
-	$(BIN)/ruff check starjax tests experiments
+	$(BIN)/ruff check starjax tests experiments benchmarks
 
 demo: $(STAMP)  ## STaR on arithmetic from scratch on CPU (WORKDIR=runs/star_arithmetic, ARGS=).
 	$(BIN)/python -m starjax.star --config=experiments/star_arithmetic.py \
 	  --workdir=$(or $(WORKDIR),runs/star_arithmetic) $(ARGS)
 
 star-arithmetic: demo  ## Same as demo.
+
+star-gsm8k: $(STAMP)  ## STaR on GSM8K from SmolLM2-135M, CPU subset (WORKDIR=, ARGS=).
+	STARJAX_DATA_DIR=$${STARJAX_DATA_DIR:-../shared/data} $(BIN)/python -m starjax.star \
+	  --config=experiments/star_gsm8k.py --workdir=$(or $(WORKDIR),runs/star_gsm8k) $(ARGS)
+
+star-csqa: $(STAMP)  ## STaR on CommonsenseQA from SmolLM2-135M, CPU subset (WORKDIR=, ARGS=).
+	STARJAX_DATA_DIR=$${STARJAX_DATA_DIR:-../shared/data} $(BIN)/python -m starjax.star \
+	  --config=experiments/star_commonsense_qa.py --workdir=$(or $(WORKDIR),runs/star_csqa) $(ARGS)
+
+bench: $(STAMP)  ## All benchmarks (bounded time) -> benchmarks/results/<machine>-<date>.json.
+	$(BIN)/python -m benchmarks.run_all $(ARGS)
 
 pretrain-tiny: $(STAMP)  ## Pretrain the tiny model on arithmetic scratchpads (WORKDIR=, ARGS=).
 	$(BIN)/python -m starjax.train --config=experiments/pretrain_tiny.py \

@@ -1,0 +1,1 @@
+"""starjax benchmarks: matmul ceiling, training throughput and MFU (`make bench`)."""

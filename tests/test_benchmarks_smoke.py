@@ -1,0 +1,96 @@
+"""Smoke test of the benchmark suite: every benchmark runs on a tiny setting and writes valid JSON.
+
+Timings are not checked (the benchmarks themselves never run under `make test`); only that the
+scripts run end to end through `run_all --quick` and that their JSON has the documented schema.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import run_all, train_step  # noqa: E402
+
+TRAIN_ROW_KEYS = ("model", "seq_len", "dtype", "tokens_per_s", "mfu", "peak_mem_mb",
+                  "torch_tokens_per_s")
+
+
+def _positive(x) -> bool:
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench") / "bench.json"
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # No fake devices: the benchmarks use one device.
+  env["JAX_PLATFORMS"] = "cpu"
+  env["XDG_CACHE_HOME"] = str(out.parent / "cache")  # Keep the real ceiling cache untouched.
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick", "--out", str(out)],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+  return out, json.loads(out.read_text()), proc.stdout
+
+
+def test_every_benchmark_ran(quick_run):
+  _, combined, stdout = quick_run
+  names = run_all.discover()
+  assert "train_step" in names
+  for name in ["matmul_ceiling", *names]:
+    res = combined["benchmarks"][name]
+    assert res["status"] == "ok", (name, res.get("log_tail"))
+    assert res["rows"], name
+    assert res["machine"]["name"] == combined["machine"]["name"]
+  assert "| benchmark |" in stdout and "| train_step |" in stdout
+
+
+def test_ceiling_schema(quick_run):
+  _, combined, _ = quick_run
+  ceiling = combined["benchmarks"]["matmul_ceiling"]
+  assert set(ceiling["ceiling_gflops"]) == {"float32", "bfloat16"}
+  assert all(_positive(g) for g in ceiling["ceiling_gflops"].values())
+  assert combined["ceiling_gflops"] == ceiling["ceiling_gflops"]
+  for r in ceiling["rows"]:
+    assert r["framework"] in ("jax", "torch") and _positive(r["gflops"])
+
+
+def test_train_step_schema(quick_run):
+  out, combined, _ = quick_run
+  res = combined["benchmarks"]["train_step"]
+  assert "6 * N * tokens" in res["flops_formula"]
+  assert res["ceiling"]["gflops"] == combined["ceiling_gflops"]
+  try:
+    import torch  # noqa: F401
+    have_torch = True
+  except ImportError:
+    have_torch = False
+  for r in res["rows"]:
+    assert "error" not in r, r.get("log_tail")
+    for key in TRAIN_ROW_KEYS:
+      assert key in r, key
+    assert r["model"] == "tiny" and r["dtype"] in ("float32", "bfloat16")
+    assert _positive(r["tokens_per_s"]) and _positive(r["mfu"]) and _positive(r["peak_mem_mb"])
+    if have_torch:
+      assert _positive(r["torch_tokens_per_s"])
+      # The peer is the same model: same loss at the same parameters.
+      assert r["loss_diff_vs_torch"] < (1e-4 if r["dtype"] == "float32" else 0.05)
+  assert {r["dtype"] for r in res["rows"]} == {"float32", "bfloat16"}
+  assert out.with_suffix(".md").read_text().startswith("Machine:")
+
+
+def test_flops_formula():
+  tied = train_step.model_config("smollm2_135m", "float32")
+  untied = train_step.model_config("small", "float32")
+  assert train_step.matmul_params(tied) == tied.num_params()
+  assert train_step.matmul_params(untied) == untied.num_params() - untied.vocab_size * untied.dim
+  flops = train_step.train_flops(tied, batch=2, seq_len=8)
+  attn = 12 * tied.n_layers * 8 * tied.n_heads * tied.head_dim * 16
+  assert flops == 6 * tied.num_params() * 16 + attn
