@@ -120,3 +120,10 @@ def test_params_created_sharded_without_replica():
   emb = state.params["embed"]["embedding"]
   assert emb.sharding.spec == P(None, "fsdp")
   assert emb.addressable_shards[0].data.shape == (256, 8)
+
+
+def test_initialize_is_a_noop_unless_asked(monkeypatch):
+  monkeypatch.delenv("STARJAX_DISTRIBUTED", raising=False)
+  assert parallel.initialize() is False
+  assert parallel.initialize(False) is False
+  assert not jax.distributed.is_initialized()

@@ -12,7 +12,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from starjax import configs
+from starjax import configs, parallel
 from starjax.star import experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -26,6 +26,7 @@ def main(argv: list[str]) -> None:
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   absl_logging.set_verbosity(absl_logging.WARNING)
+  parallel.initialize()  # Multi-host runtime when STARJAX_DISTRIBUTED=1; a no-op otherwise.
   try:
     results = experiment.run_experiment(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
   except (configs.ConfigError, FileNotFoundError) as e:

@@ -13,7 +13,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from starjax import configs
+from starjax import configs, parallel
 from starjax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -27,6 +27,7 @@ def main(argv: list[str]) -> None:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   # Orbax logs every save phase at INFO through absl; keep the console readable.
   absl_logging.set_verbosity(absl_logging.WARNING)
+  parallel.initialize()  # Multi-host runtime when STARJAX_DISTRIBUTED=1; a no-op otherwise.
   try:
     result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (configs.ConfigError, FileNotFoundError) as e:
