@@ -111,18 +111,22 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> None:
 
 
 def format_table(results: dict[str, Any]) -> str:
+  """Markdown table: accuracy per group (if the task has groups), overall, STaR statistics."""
   its = results["iterations"]
-  groups = sorted({g for r in its for g in r.get("accuracy_by_group", {})},
+  groups = sorted({g for r in its for g in r.get("accuracy_by_group", {}) if g},
                   key=lambda g: (len(g), g))
-  head = "| iter | " + " | ".join(groups or ["all"]) + " | all | coverage | rat. yield | kept |"
-  lines = [head, "|" + "---|" * (len(groups or ['all']) + 5)]
+  head = ["iter", *groups, "all", "coverage", "rat. yield", "kept"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+  def num(x: Any, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
   for r in its:
-    cells = [f"{r['accuracy_by_group'].get(g, float('nan')):.2f}" for g in groups]
-    cov = r.get("train_coverage")
-    ry = r.get("rationalization_yield")
-    lines.append(f"| {r['iteration']} | " + " | ".join(cells) + f" | {r['accuracy']:.3f} | "
-                 + (f"{cov:.2f}" if cov is not None else "-") + " | "
-                 + (f"{ry:.2f}" if ry is not None else "-") + f" | {r.get('kept_examples', '-')} |")
+    cells = [str(r["iteration"])]
+    cells += [num(r["accuracy_by_group"].get(g)) for g in groups]
+    cells += [num(r.get("accuracy"), 3), num(r.get("train_coverage")),
+              num(r.get("rationalization_yield")), str(r.get("kept_examples", "-"))]
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
