@@ -60,7 +60,8 @@ def get_config() -> config_dict.ConfigDict:
   c.task = dict(name="arithmetic", digits=DIGITS, n_train_per_digit=300, n_test_per_digit=N_TEST,
                 ood_digits=(6,), seed=SEED)
   c.base = dict(pretrain=base_config(), pretrained="")
-  c.star = dict(iterations=4, samples_per_question=1, greedy=True, max_new_tokens=160,
+  # 6-digit (OOD) scratchpads are 186 bytes: the cap must leave room for them.
+  c.star = dict(iterations=4, samples_per_question=1, greedy=True, max_new_tokens=200,
                 gen_batch_size=256, n_train_questions=500, rationalize=True,
                 max_kept_per_question=1, union=False, base_steps=40, step_growth=1.2,
                 batch_size=16, seq_len=256, pack=True, eval_splits=("test", "ood_test"),

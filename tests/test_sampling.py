@@ -165,3 +165,13 @@ def test_bad_input_is_a_clear_error(params):
     DecodeConfig(max_new_tokens=4, temperature=0.0)
   with pytest.raises(ValueError, match="num_samples"):
     generate_tokens(CFG, params, [[1]], dc, num_samples=0)
+
+
+def test_ids_beyond_the_tokenizer_are_never_sampled(params):
+  logits = jnp.zeros((4, 64)).at[:, 60:].set(50.0)  # Padded rows the tokenizer does not know.
+  dc = DecodeConfig(max_new_tokens=1, temperature=1.0, vocab_limit=60)
+  toks = core.choose_tokens(logits, jax.random.split(jax.random.key(0), 4), dc)
+  assert (np.asarray(toks) < 60).all()
+  greedy = core.choose_tokens(logits, None, DecodeConfig(max_new_tokens=1, greedy=True,
+                                                         vocab_limit=60))
+  assert (np.asarray(greedy) < 60).all()

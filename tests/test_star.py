@@ -212,3 +212,38 @@ def test_kill_and_resume_at_each_stage(stage, uninterrupted, base_params, tmp_pa
   assert _strip_times(resumed) == _strip_times(reference)
   # Nothing half-written is left behind.
   assert not list(Path(tmp_path).rglob("*.tmp"))
+
+
+def test_resuming_under_a_different_config_is_refused(tmp_path):
+  import experiments.star_arithmetic as demo
+  from starjax import configs
+  from starjax.star import experiment
+  cfg = demo.get_config()
+  (tmp_path / "w").mkdir()
+  (tmp_path / "w" / "config.json").write_text(json.dumps({"task": {"name": "other"}}))
+  with pytest.raises(configs.ConfigError, match="different config"):
+    experiment.run_experiment(cfg, tmp_path / "w")
+
+
+def test_rationalizations_that_repeat_the_hint_are_not_kept(base_params, tmp_path):
+  class Leaky(ToyTask):
+    def hint_leaked(self, ex, completion):
+      return True  # Every rationalization "leaks": none may be kept.
+
+  runner = _runner(tmp_path, base_params, iterations=1)
+  runner.task = Leaky()
+  runner.run()
+  kept = [json.loads(x) for x in (tmp_path / "iter_1" / "kept.jsonl").read_text().splitlines()]
+  assert all(r["source"] == "generated" for r in kept)
+
+
+def test_overlong_finetune_examples_are_dropped_not_truncated():
+  from starjax.train import batching
+  ok = batching.completion_example([1, 2], [3, 4])
+  long = batching.completion_example([1] * 40, [3, 4])
+  assert batching.fits(ok, 8) and not batching.fits(long, 8)
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=1), devices=jax.devices()[:1])
+  with pytest.raises(ValueError, match="fits seq_len"):
+    finetune_lib.finetune(CFG, models.init_params(CFG, jax.random.key(0)), [long], steps=1,
+                          batch_size=1, seq_len=8, opt=optim.OptimizerConfig(), mesh=mesh,
+                          pad_id=0)

@@ -280,6 +280,9 @@ class CommonsenseQATask(Task):
     lines.append("A:")
     return "\n".join(lines)
 
+  def hint_leaked(self, ex: Example, completion: str) -> bool:
+    return HINT.strip().lower() in completion.lower()
+
   def prompt(self, ex: Example) -> str:
     return self._lines(ex, hint=False)
 

@@ -72,6 +72,11 @@ class Task(abc.ABC):
     del hint
     return ""
 
+  def hint_leaked(self, ex: Example, completion: str) -> bool:
+    """Whether a completion generated with the hint repeats the hint's own text."""
+    del ex, completion
+    return False
+
   def group(self, ex: Example) -> str:
     """Bucket for per-group metrics (digit count for arithmetic, '' for one group)."""
     del ex

@@ -43,6 +43,7 @@ class DecodeConfig:
     stop_sequences: token-id sequences that also stop a sample once produced.
     pad_id: token fed to finished samples (never attended by live ones).
     suppress_ids: token ids never sampled (e.g. Quiet-STaR's thought markers).
+    vocab_limit: ids >= this are never sampled (padded embedding rows beyond the tokenizer).
   """
 
   max_new_tokens: int
@@ -54,6 +55,7 @@ class DecodeConfig:
   stop_sequences: tuple[tuple[int, ...], ...] = ()
   pad_id: int = 0
   suppress_ids: tuple[int, ...] = ()
+  vocab_limit: int | None = None
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -88,6 +90,8 @@ def choose_tokens(logits: jax.Array, keys: jax.Array, dc: DecodeConfig) -> jax.A
   logits = logits.astype(jnp.float32)
   if dc.suppress_ids:
     logits = logits.at[:, jnp.asarray(dc.suppress_ids)].set(NEG_INF)
+  if dc.vocab_limit is not None and dc.vocab_limit < logits.shape[-1]:
+    logits = logits.at[:, dc.vocab_limit:].set(NEG_INF)
   if dc.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = filter_logits(logits / dc.temperature, dc.top_k, dc.top_p)

@@ -153,7 +153,9 @@ def generate_text(cfg: ModelConfig, params: Any, tokenizer: Any, prompts: Sequen
   stop_seqs = tuple(tuple(tokenizer.encode(s)) for s in stop if s)
   dc = DecodeConfig(max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
                     top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id, stop_sequences=stop_seqs,
-                    pad_id=tokenizer.pad_id, suppress_ids=tuple(suppress_ids))
+                    pad_id=tokenizer.pad_id, suppress_ids=tuple(suppress_ids),
+                    vocab_limit=tokenizer.vocab_size if cfg.vocab_size > tokenizer.vocab_size
+                    else None)
   token_prompts = [tokenizer.encode(p, add_bos=add_bos) for p in prompts]
   res = generate_tokens(cfg, params, token_prompts, dc, num_samples=num_samples, seed=seed,
                         mesh=mesh, batch_size=batch_size, progress=progress)

@@ -17,7 +17,7 @@ from starjax.parallel import mesh as mesh_lib
 from starjax.star.config import STaRConfig
 from starjax.star.loop import STaR
 from starjax.train import optim
-from starjax.utils_io import atomic_write_json, atomic_writer
+from starjax.utils_io import atomic_write_json, atomic_writer, read_json
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,16 @@ def run_experiment(config: Any, workdir: str | Path, *, progress: bool = True) -
     raise FileNotFoundError(f"The parent of the workdir {str(workdir)!r} does not exist.")
   workdir.mkdir(exist_ok=True)
   # The run's config next to its results, so tools (model soups, eval) can rebuild the task and
-  # the model from the workdir alone.
-  atomic_write_json(workdir / "config.json", top)
+  # the model from the workdir alone. Stages are reused by file, so resuming under a different
+  # config would silently mix the two: refuse instead.
+  saved = workdir / "config.json"
+  if saved.exists():
+    import json  # pylint: disable=g-import-not-at-top
+    if json.loads(json.dumps(top, sort_keys=True, default=str)) != read_json(saved):
+      raise configs.ConfigError(
+          f"{workdir} holds a run with a different config ({saved}); resuming would mix stages "
+          "from both. Use a new --workdir, or the original config.")
+  atomic_write_json(saved, top)
   model_cfg, params, tok = _base_model(config, workdir, config.tokenizer)
   mesh = mesh_lib.make_mesh(mesh_cfg)
   runner = STaR(task=task, model_cfg=model_cfg, base_params=params, tokenizer=tok,

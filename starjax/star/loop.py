@@ -145,6 +145,8 @@ class STaR:
     for rec in list(samples) + list(rationalized):
       if not rec["correct"]:
         continue  # Wrong answers are never saved.
+      if rec["hint"] and self.task.hint_leaked(by_id[rec["id"]], rec["completion"]):
+        continue  # A rationalization that repeats its hint would teach the model to expect it.
       key = (rec["id"], rec["completion"])
       if key in seen or count.get(rec["id"], 0) >= self.config.max_kept_per_question:
         continue
@@ -192,8 +194,7 @@ class STaR:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     questions = self._train_questions(n)
-    need_prev = not ((d / "samples.jsonl").exists() and ((d / "rationalized.jsonl").exists()
-                                                          or not cfg.rationalize))
+    need_prev = not ((d / "samples.jsonl").exists() and (d / "rationalized.jsonl").exists())
     prev = self._load_params(n - 1) if need_prev else None
 
     t = time.perf_counter()
@@ -203,14 +204,14 @@ class STaR:
     timings["generate_s"] = time.perf_counter() - t
     solved = {r["id"] for r in samples if r["correct"]}
     wrong = [ex for ex in questions if ex.id not in solved]
-    rationalized: list[dict] = []
-    if cfg.rationalize:
-      t = time.perf_counter()
-      rationalized = _stage(
-          d / "rationalized.jsonl",
-          lambda: self._generate(prev, wrong, hint=True, seed=cfg.seed * 1000 + n + 500)
-          if wrong else [], atomic_write_jsonl, read_jsonl)
-      timings["rationalize_s"] = time.perf_counter() - t
+    # Written (empty) also when rationalization is off, so the stage files always say what the
+    # kept set was built from.
+    t = time.perf_counter()
+    rationalized = _stage(
+        d / "rationalized.jsonl",
+        lambda: self._generate(prev, wrong, hint=True, seed=cfg.seed * 1000 + n + 500)
+        if wrong and cfg.rationalize else [], atomic_write_jsonl, read_jsonl)
+    timings["rationalize_s"] = time.perf_counter() - t
     prev = None  # Free M_{n-1} before fine-tuning.
     kept = _stage(d / "kept.jsonl", lambda: self._kept(n, samples, rationalized),
                   atomic_write_jsonl, read_jsonl)
@@ -229,8 +230,10 @@ class STaR:
       else:
         log.warning("iteration %d kept no rationale; M_%d = base model", n, n)
         params, hist = self.base_params, []
+      too_long = sum(not batching.fits(ex, cfg.seq_len) for ex in self._encode(train_rows))
       atomic_write_json(d / "finetune.json", {
           "steps": steps if train_rows else 0, "examples": len(train_rows),
+          "dropped_too_long": too_long,
           "start_params_hash": start_hash,
           "first_loss": hist[0]["loss"] if hist else None,
           "last_loss": hist[-1]["loss"] if hist else None,

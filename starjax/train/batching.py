@@ -30,6 +30,11 @@ class Example:
                        "differ in length.")
 
 
+def fits(ex: Example, seq_len: int) -> bool:
+  """Whether the whole example (all its targets, EOS included) fits in one row of seq_len."""
+  return len(ex.tokens) - 1 <= seq_len
+
+
 def completion_example(prompt: Sequence[int], completion: Sequence[int]) -> Example:
   """An example whose loss covers exactly the completion tokens."""
   return Example(list(prompt) + list(completion), [0] * len(prompt) + [1] * len(completion))

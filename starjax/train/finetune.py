@@ -7,6 +7,7 @@ rationales"). Batches are a pure function of (seed, step), as in the main loop.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +19,8 @@ from starjax.models.config import ModelConfig
 from starjax.train import batching, optim
 from starjax.train import state as state_lib
 from starjax.train import step as step_lib
+
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=16)
@@ -41,7 +44,14 @@ def finetune(cfg: ModelConfig, params: Any, examples: Sequence[batching.Example]
 
   if not examples:
     raise ValueError("No examples to fine-tune on.")
-  rows = batching.make_rows(examples, seq_len, pad_id, pack=pack)
+  # A truncated example would lose its EOS (or all its completion tokens): drop it instead.
+  kept = [ex for ex in examples if batching.fits(ex, seq_len)]
+  if len(kept) < len(examples):
+    log.warning("dropping %d of %d examples longer than seq_len=%d", len(examples) - len(kept),
+                len(examples), seq_len)
+  if not kept:
+    raise ValueError(f"None of the {len(examples)} examples fits seq_len={seq_len}.")
+  rows = batching.make_rows(kept, seq_len, pad_id, pack=pack)
   source = RowSource(rows, batch_size, seed)
   # A constant schedule does not depend on the step count: one compiled step serves every
   # STaR iteration even though their lengths differ.

@@ -226,6 +226,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
   else:
     state = state_lib.create_train_state(run.model, tx, mesh, jax.random.key(tc.seed))
     start = 0
+    writer.truncate_after(0)  # Lines from a run killed before its first checkpoint.
 
   result: dict[str, Any] = {"preempted": False}
   step = start
