@@ -94,8 +94,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   machine = common.machine_info()
   ceiling = common.get_ceiling(args.ceiling, machine["name"], quick=args.quick)
   if args.quick:
-    cfg = models.preset("tiny", vocab_size=256)
-    batches, new_tokens, repeats = [1, 2], 8, 1
+    # Smoke setting: seconds, not minutes (run_all gives each benchmark a small budget).
+    cfg = models.preset("tiny", vocab_size=256, n_layers=1)
+    batches, new_tokens, repeats = [1], 4, 1
   else:
     cfg = models.preset("smollm2_135m")
     batches, new_tokens, repeats = [1, 8, 32], 128, 3
