@@ -163,6 +163,9 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
   try:
     with os.fdopen(fd, "w") as f:
       f.write(text)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files.
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -204,10 +207,18 @@ class Timing:
     return {"median_s": self.median, "min_s": self.min, "times_s": list(self.times)}
 
 
-def time_fn(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5) -> Timing:
-  """Median wall time of `fn()` after `warmup` calls; `fn` must block until its work is done."""
+def time_fn(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5,
+            max_s: float | None = None) -> Timing:
+  """Median wall time of `fn()` after `warmup` calls; `fn` must block until its work is done.
+
+  With `max_s`, fewer repeats (at least one) are taken when the warmup shows they would not fit.
+  """
+  t0 = time.perf_counter()
   for _ in range(warmup):
     fn()
+  if max_s is not None and warmup:
+    per_call = (time.perf_counter() - t0) / warmup
+    repeats = min(repeats, max(1, int(max_s / max(per_call, 1e-9))))
   times = []
   for _ in range(max(repeats, 1)):
     t0 = time.perf_counter()

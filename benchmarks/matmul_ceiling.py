@@ -34,7 +34,7 @@ def _calls_per_sample(backend: str, n: int) -> int:
   return 1 if backend == "cpu" else max(1, 8192 // n) * 4
 
 
-def jax_matmul_gflops(n: int, dtype: str, repeats: int) -> dict[str, Any]:
+def jax_matmul_gflops(n: int, dtype: str, repeats: int, max_s: float) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
@@ -51,12 +51,13 @@ def jax_matmul_gflops(n: int, dtype: str, repeats: int) -> dict[str, Any]:
       out = f(a, b)
     out.block_until_ready()
 
-  t = common.time_fn(run, warmup=2, repeats=repeats)
+  run()  # Compiles.
+  t = common.time_fn(run, warmup=1, repeats=repeats, max_s=max_s)
   return {"framework": "jax", "dtype": dtype, "n": n, "calls_per_sample": calls,
           "time_s": t.median / calls, "gflops": 2 * n**3 * calls / t.median / 1e9}
 
 
-def torch_matmul_gflops(n: int, dtype: str, repeats: int) -> dict[str, Any]:
+def torch_matmul_gflops(n: int, dtype: str, repeats: int, max_s: float) -> dict[str, Any]:
   import torch  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(common.cpu_count())
@@ -64,7 +65,7 @@ def torch_matmul_gflops(n: int, dtype: str, repeats: int) -> dict[str, Any]:
   g = torch.Generator().manual_seed(0)
   a = torch.randn(n, n, generator=g).to(dt)
   b = torch.randn(n, n, generator=g).to(dt)
-  t = common.time_fn(lambda: torch.matmul(a, b), warmup=2, repeats=repeats)
+  t = common.time_fn(lambda: torch.matmul(a, b), warmup=1, repeats=repeats, max_s=max_s)
   return {"framework": "torch", "dtype": dtype, "n": n, "calls_per_sample": 1,
           "time_s": t.median, "gflops": 2 * n**3 / t.median / 1e9}
 
@@ -85,12 +86,20 @@ def measure(quick: bool, with_torch: bool = True) -> dict[str, Any]:
 
   backend = jax.default_backend()
   repeats = 3 if quick else 5
-  rows = []
+  max_s = 1.0 if quick else 5.0  # Per (framework, dtype, size): slow paths get fewer repeats.
+  measures = [("jax", jax_matmul_gflops)]
+  if with_torch and _torch_usable(backend):
+    measures.append(("torch", torch_matmul_gflops))
+  rows, too_slow = [], set()
   for n in _sizes(backend, quick):
     for dtype in DTYPES:
-      rows.append(jax_matmul_gflops(n, dtype, repeats))
-      if with_torch and _torch_usable(backend):
-        rows.append(torch_matmul_gflops(n, dtype, repeats))
+      for framework, measure_fn in measures:
+        if (framework, dtype) in too_slow:  # e.g. bf16 emulated on a CPU without bf16 units.
+          continue
+        row = measure_fn(n, dtype, repeats, max_s)
+        rows.append(row)
+        if row["time_s"] * 8 > 2 * max_s:  # The next size (2x) would take 8x as long.
+          too_slow.add((framework, dtype))
   ceiling, best = {}, {}
   for dtype in DTYPES:
     top = max((r for r in rows if r["dtype"] == dtype), key=lambda r: r["gflops"])
