@@ -9,6 +9,7 @@ import pytest
 
 from starjax import models
 from starjax.models import attention as attn_lib
+from starjax.models import hf as hf_lib
 
 # Jitted once per config (ModelConfig is frozen, hence hashable): eager flax is slow.
 forward = jax.jit(models.forward, static_argnums=0)
@@ -154,6 +155,22 @@ def test_rope_is_relative_and_positions_matter():
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4)
   c = forward(cfg, params, tokens, pos.at[0, 3].set(9)).logits  # A gap changes things.
   assert np.abs(np.asarray(c[0, 4:] - a[0, 4:])).max() > 1e-4
+
+
+def test_nope_ignores_position_values():
+  """rope=False: only the order of positions (the causal mask) matters, not their values."""
+  cfg = models.preset("tiny", rope=False)
+  params = _random_params(cfg)
+  tokens = jax.random.randint(jax.random.key(6), (1, 6), 0, cfg.vocab_size)
+  pos = jnp.arange(6)[None]
+  gapped = pos.at[0, 3:].add(5)  # The gap that changes a RoPE model's output (test above).
+  a = forward(cfg, params, tokens, pos).logits
+  np.testing.assert_allclose(np.asarray(forward(cfg, params, tokens, gapped).logits),
+                             np.asarray(a), atol=1e-5)
+  rope = forward(dataclasses.replace(cfg, rope=True), params, tokens, pos).logits
+  assert np.abs(np.asarray(rope - a)).max() > 1e-3  # The flag really switches RoPE off.
+  with pytest.raises(ValueError, match="NoPE"):
+    hf_lib.config_to_hf(cfg)
 
 
 def test_sliding_window_limits_context():

@@ -27,6 +27,9 @@ class ModelConfig:
     head_dim: per-head width; defaults to dim // n_heads.
     ffn_dim: SwiGLU hidden width.
     rope_theta: RoPE base frequency.
+    rope: rotary position embeddings on q/k; False gives a NoPE decoder (position comes only from
+      the causal mask), which length-generalizes better on small algorithmic tasks
+      (Kazemnejad et al. 2023). Positions still drive the mask and padding.
     norm_eps: RMSNorm epsilon.
     tie_embeddings: reuse the input embedding as the output projection.
     qkv_bias: biases on the q/k/v projections (Qwen2).
@@ -46,6 +49,7 @@ class ModelConfig:
   head_dim: int | None = None
   ffn_dim: int
   rope_theta: float = 10_000.0
+  rope: bool = True
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   qkv_bias: bool = False

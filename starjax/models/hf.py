@@ -196,6 +196,8 @@ def config_to_hf(cfg: ModelConfig, architecture: str | None = None,
   if architecture not in ARCHITECTURES:
     raise ValueError(f"Unsupported architecture {architecture!r}; supported: "
                      f"{list(ARCHITECTURES)}.")
+  if not cfg.rope:
+    raise ValueError("cfg.rope is False (a NoPE decoder); HF Llama/Mistral/Qwen2 always use RoPE.")
   if architecture == "Qwen2ForCausalLM" and not cfg.qkv_bias:
     raise ValueError("Qwen2ForCausalLM always has q/k/v biases; cfg.qkv_bias is False.")
   if architecture != "Qwen2ForCausalLM" and cfg.qkv_bias:

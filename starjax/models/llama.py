@@ -99,8 +99,9 @@ class Attention(nn.Module):
                                      "activation_kv_heads", None))
     v = apply_names(self.v_proj(x), ("activation_batch", "activation_length",
                                      "activation_kv_heads", None))
-    q = attn_lib.apply_rope(q, positions, self.cfg.rope_theta)
-    k = attn_lib.apply_rope(k, positions, self.cfg.rope_theta)
+    if self.cfg.rope:
+      q = attn_lib.apply_rope(q, positions, self.cfg.rope_theta)
+      k = attn_lib.apply_rope(k, positions, self.cfg.rope_theta)
     return q, k, v
 
   def out(self, o: Array) -> Array:
