@@ -69,6 +69,22 @@ def test_unequal_lengths_pad_missing_digits_with_zero():
   )
 
 
+def test_zero_padded_width_is_a_wider_layout_with_the_same_arithmetic():
+  p = Problem(29, 57)
+  padded = ar.scratchpad(p, width=4)
+  assert padded == ("<scratch>\n0 0 2 9 + 0 0 5 7 , C: 0\n2 + 5 , 6 C: 1\n0 + 0 , 8 6 C: 0\n"
+                    "0 + 0 , 0 8 6 C: 0\n, 0 0 8 6 C: 0\n0 0 0 8 6\n</scratch>\n8 6\n")
+  assert ar.prompt(p, width=4) == "Input:\n0 0 2 9 + 0 0 5 7\nTarget:\n"
+  assert ar.hint(p, width=4) == "0 0 0 8 6"
+  assert ar.extract_answer(padded) == 86
+  # Line for line as long as the scratchpad of a genuine 4-digit problem.
+  wide = ar.scratchpad(Problem(1029, 2057)).split("\n")
+  assert [len(x) for x in padded.split("\n")[1:6]] == [len(x) for x in wide[1:6]]
+  assert ar.scratchpad(p, width=2) == ar.scratchpad(p)  # Its own width: unchanged.
+  with pytest.raises(ValueError, match="narrower"):
+    ar.scratchpad(Problem(123, 4), width=2)
+
+
 def test_problem_properties_and_validation():
   p = Problem(np.int64(123), 4)
   assert type(p.a) is int and p.answer == 127 and p.digits == 3

@@ -153,12 +153,25 @@ def _running(digits: Iterable[int]) -> str:
 # Formatting.
 
 
-def _scratch_lines(p: Problem) -> list[str]:
-  """The lines strictly between `<scratch>` and `</scratch>`."""
-  n = p.digits
+def _width(p: Problem, width: int | None) -> int:
+  if width is None:
+    return p.digits
+  if width < p.digits:
+    raise ValueError(f"width={width} is narrower than {p.a} + {p.b} ({p.digits} digits)")
+  return width
+
+
+def _padded(n: int, width: int | None) -> str:
+  """`format_number` with leading zeros up to `width` digits: (86, 3) -> "0 8 6"."""
+  return format_number(n) if width is None else " ".join(str(n).zfill(width))
+
+
+def _scratch_lines(p: Problem, width: int | None = None) -> list[str]:
+  """The lines strictly between `<scratch>` and `</scratch>` (operands zero-padded to `width`)."""
+  n = _width(p, width)
   a_pad = [0] * (n - len(str(p.a))) + _digit_list(p.a)
   b_pad = [0] * (n - len(str(p.b))) + _digit_list(p.b)
-  lines = [f"{format_number(p.a)} + {format_number(p.b)} , C: 0"]
+  lines = [f"{_padded(p.a, width)} + {_padded(p.b, width)} , C: 0"]
   carry = 0
   sum_digits: list[int] = []
   for k in range(n):  # k-th pair from the right.
@@ -173,14 +186,20 @@ def _scratch_lines(p: Problem) -> list[str]:
   return lines
 
 
-def prompt(p: Problem) -> str:
-  """The text the model is given: "Input:\\n{a} + {b}\\nTarget:\\n"."""
-  return f"Input:\n{format_number(p.a)} + {format_number(p.b)}\nTarget:\n"
+def prompt(p: Problem, width: int | None = None) -> str:
+  """The text the model is given: "Input:\\n{a} + {b}\\nTarget:\\n".
+
+  `width` writes both operands with leading zeros to that many digits (a seed-data augmentation:
+  the layout of a wider scratchpad with the arithmetic of a narrow problem); the answer line is
+  never padded.
+  """
+  _width(p, width)
+  return f"Input:\n{_padded(p.a, width)} + {_padded(p.b, width)}\nTarget:\n"
 
 
-def scratchpad(p: Problem) -> str:
+def scratchpad(p: Problem, width: int | None = None) -> str:
   """The rationale + answer completion: "<scratch>\\n...\\n</scratch>\\n{sum}\\n"."""
-  body = "\n".join(_scratch_lines(p))
+  body = "\n".join(_scratch_lines(p, width))
   return f"{SCRATCH_OPEN}\n{body}\n{SCRATCH_CLOSE}\n{format_number(p.answer)}\n"
 
 
@@ -194,14 +213,14 @@ def example(p: Problem, *, rationale: bool = True) -> str:
   return prompt(p) + (scratchpad(p) if rationale else direct_answer(p))
 
 
-def hint(p: Problem) -> str:
+def hint(p: Problem, width: int | None = None) -> str:
   """The rationalization hint: the last scratch line, "{carry} {digits}" (e.g. "0 8 6")."""
-  return _scratch_lines(p)[-1]
+  return _scratch_lines(p, width)[-1]
 
 
-def prompt_with_hint(p: Problem) -> str:
+def prompt_with_hint(p: Problem, width: int | None = None) -> str:
   """The rationalization prompt: the hint line inserted right after "Target:"."""
-  return f"{prompt(p)}{hint(p)}\n"
+  return f"{prompt(p, width)}{hint(p, width)}\n"
 
 
 def strip_hint(text: str) -> str:

@@ -79,7 +79,7 @@ def arithmetic_seed_corpus(tok, *, rationale_digits: Sequence[int] = (1, 2),
                            n_rationale_per_digit: int = 300, hint_fraction: float = 0.3,
                            answer_digits: Sequence[int] = (1, 2, 3, 4, 5),
                            n_answer_per_digit: int = 300, n_test_per_digit: int = 100,
-                           seed: int = 0) -> Corpus:
+                           rationale_widths: Sequence[int] = (), seed: int = 0) -> Corpus:
   """The seed set of the STaR arithmetic demo (the analogue of the paper's few-shot prompt).
 
   Scratchpad rationales only for `rationale_digits`; a `hint_fraction` of them also appear with
@@ -88,6 +88,13 @@ def arithmetic_seed_corpus(tok, *, rationale_digits: Sequence[int] = (1, 2),
   the train side of `arithmetic.make_splits(seed, ..., n_test_per_digit)`, so they never overlap
   the STaR task's test split when it uses the same seed and test size. Loss on completions only.
   The eval side holds scratchpads for every answer digit count (a held-out probe).
+
+  `rationale_widths` writes each seed rationale with its operands zero-padded to a width drawn
+  uniformly from those widths that fit it ("0 2 9 + 0 5 7" for 29 + 57 at width 3). The scratchpad
+  then has the layout of a wider problem but only the arithmetic of a 1-2 digit one: every column
+  beyond the problem's own digits adds 0 + 0 + carry. A model trained from scratch on 1-2 digit
+  scratchpads alone never writes a correct wider one (it has seen the layout at two widths only),
+  so STaR would have nothing to bootstrap from; a pretrained LM brings such format knowledge.
   """
   task = arithmetic_task.ArithmeticTask(digits=(1,), n_train_per_digit=1, n_test_per_digit=1)
   digits = sorted(set(rationale_digits) | set(answer_digits))
@@ -104,9 +111,12 @@ def arithmetic_seed_corpus(tok, *, rationale_digits: Sequence[int] = (1, 2),
     n_rat = min(n_rationale_per_digit, len(problems)) if d in rationale_digits else 0
     for p in problems[:n_rat]:
       hinted = rng.random() < hint_fraction
-      ex = arithmetic_task.to_example(p)
-      prompt = task.prompt_with_hint(ex) if hinted else task.prompt(ex)
-      train.append(_encode_example(tok, prompt, task.reference_completion(ex), True))
+      fits = [w for w in rationale_widths if w >= p.digits]
+      width = int(rng.choice(fits)) if fits else None
+      prompt = (arithmetic.prompt_with_hint(p, width) if hinted else arithmetic.prompt(p, width))
+      scratch = arithmetic.scratchpad(p, width)
+      train.append(_encode_example(tok, prompt + arithmetic_task.SCRATCH,
+                                   scratch[len(arithmetic_task.SCRATCH):], True))
     if d in answer_digits:
       for p in problems[n_rat:n_rat + n_answer_per_digit]:
         train.append(_encode_example(tok, arithmetic.prompt(p), arithmetic.direct_answer(p), True))
