@@ -50,3 +50,26 @@ def test_seed_without_widths_is_unpadded():
     a, b = _operands(prompt)
     assert not a.startswith("0") or a == "0"
     assert len(a) <= 2
+
+
+def test_scratch_layout_keeps_the_layout_and_drops_all_arithmetic():
+  for p in [arithmetic.Problem(345, 678), arithmetic.Problem(3, 8), arithmetic.Problem(99999, 1)]:
+    layout = corpora.scratch_layout(p).split("\n")
+    scratch = arithmetic.scratchpad(p).split("\n")[1:]  # Without "<scratch>".
+    body = scratch[:scratch.index("</scratch>")]
+    assert layout[len(body)] == "</layout>"
+    assert layout[0] == body[0]  # The operand line is a copy.
+    for got, want in zip(layout[1:len(body)], body[1:]):
+      assert len(got) == len(want)  # Same layout, character for character ...
+      assert got.split(",")[0] == want.split(",")[0]  # ... the same digit pair ...
+      assert not any(ch.isdigit() for ch in got.split(",")[-1])  # ... and no sum or carry.
+
+
+def test_layout_examples_cover_their_digit_counts():
+  c = corpora.arithmetic_seed_corpus(TOK, n_rationale_per_digit=0, answer_digits=(),
+                                     n_test_per_digit=10, layout_digits=(3, 5),
+                                     n_layout_per_digit=7)
+  texts = _texts(c)
+  assert len(texts) == 14
+  assert sorted(len(_operands(p)[0]) for p, _ in texts) == [3] * 7 + [5] * 7
+  assert all(p.endswith("<layout>\n") and c.endswith("</layout>\n") for p, c in texts)

@@ -79,7 +79,9 @@ def arithmetic_seed_corpus(tok, *, rationale_digits: Sequence[int] = (1, 2),
                            n_rationale_per_digit: int = 300, hint_fraction: float = 0.3,
                            answer_digits: Sequence[int] = (1, 2, 3, 4, 5),
                            n_answer_per_digit: int = 300, n_test_per_digit: int = 100,
-                           rationale_widths: Sequence[int] = (), seed: int = 0) -> Corpus:
+                           rationale_widths: Sequence[int] = (),
+                           layout_digits: Sequence[int] = (), n_layout_per_digit: int = 0,
+                           seed: int = 0) -> Corpus:
   """The seed set of the STaR arithmetic demo (the analogue of the paper's few-shot prompt).
 
   Scratchpad rationales only for `rationale_digits`; a `hint_fraction` of them also appear with
@@ -95,6 +97,9 @@ def arithmetic_seed_corpus(tok, *, rationale_digits: Sequence[int] = (1, 2),
   beyond the problem's own digits adds 0 + 0 + carry. A model trained from scratch on 1-2 digit
   scratchpads alone never writes a correct wider one (it has seen the layout at two widths only),
   so STaR would have nothing to bootstrap from; a pretrained LM brings such format knowledge.
+
+  `layout_digits` adds `scratch_layout` examples: the scratchpad layout of real problems of those
+  digit counts with every sum digit and carry replaced by "_" (no arithmetic at all).
   """
   task = arithmetic_task.ArithmeticTask(digits=(1,), n_train_per_digit=1, n_test_per_digit=1)
   digits = sorted(set(rationale_digits) | set(answer_digits))
@@ -120,11 +125,43 @@ def arithmetic_seed_corpus(tok, *, rationale_digits: Sequence[int] = (1, 2),
     if d in answer_digits:
       for p in problems[n_rat:n_rat + n_answer_per_digit]:
         train.append(_encode_example(tok, arithmetic.prompt(p), arithmetic.direct_answer(p), True))
+  layout_rng = np.random.default_rng([seed, 11])
+  for d in layout_digits:
+    for _ in range(n_layout_per_digit):
+      low = 10 ** (d - 1) if d > 1 else 0
+      p = arithmetic.Problem(*(int(layout_rng.integers(low, 10**d)) for _ in range(2)))
+      train.append(_encode_example(tok, arithmetic.prompt(p) + "<layout>\n", scratch_layout(p),
+                                   True))
   order = rng.permutation(len(train))
   evals = [_encode_example(tok, task.prompt(ex), task.reference_completion(ex), True)
            for ex in map(arithmetic_task.to_example,
                          splits["test"][:: max(1, len(splits["test"]) // 64)])]
   return Corpus(train=[train[i] for i in order], eval=evals)
+
+
+def scratch_layout(p: arithmetic.Problem) -> str:
+  """The layout of p's scratchpad without its arithmetic: sum digits and carries become "_".
+
+  "3 4 5 + 6 7 8" -> "3 4 5 + 6 7 8 , C: 0\\n4 + 7 , _ C: _\\n3 + 6 , _ _ C: _\\n, _ _ _ C: _\\n
+  _ _ _ _\\n</layout>\\n" (after the prompt's "<layout>\\n"): which digits go on which line, and
+  how long each line is, but nothing about adding them.
+  """
+  body = arithmetic.scratchpad(p)[len(arithmetic_task.SCRATCH):]
+  body = body.split(arithmetic.SCRATCH_CLOSE, 1)[0]
+  lines = body.rstrip("\n").split("\n")
+  out = []
+  for i, line in enumerate(lines):
+    if i == 0:  # The operand line: a copy of the input ("C: 0" is a constant).
+      out.append(line)
+      continue
+    if i == len(lines) - 1:  # "{carry} {digits}": all arithmetic.
+      out.append(" ".join("_" for _ in line.split()))
+      continue
+    head, tail = line.rsplit(" , ", 1) if " , " in line else ("", line[2:])
+    sums, carry = tail.split("C: ")
+    masked = " ".join("_" for _ in sums.split()) + (" " if sums.strip() else "") + "C: _"
+    out.append(f"{head} , {masked}" if head else f", {masked}")
+  return "\n".join(out) + "\n</layout>\n"
 
 
 BUILDERS: dict[str, Callable[..., Corpus]] = {
