@@ -59,10 +59,11 @@ def test_scratch_layout_keeps_the_layout_and_drops_all_arithmetic():
     body = scratch[:scratch.index("</scratch>")]
     assert layout[len(body)] == "</layout>"
     assert layout[0] == body[0]  # The operand line is a copy.
-    for got, want in zip(layout[1:len(body)], body[1:]):
+    for got, want in zip(layout[1:len(body) - 1], body[1:-1]):
       assert len(got) == len(want)  # Same layout, character for character ...
       assert got.split(",")[0] == want.split(",")[0]  # ... the same digit pair ...
       assert not any(ch.isdigit() for ch in got.split(",")[-1])  # ... and no sum or carry.
+    assert layout[len(body) - 1] == " ".join("_" * len(body[-1].split()))  # "{carry} {sum}".
 
 
 def test_layout_examples_cover_their_digit_counts():
