@@ -1,5 +1,6 @@
 """Meshes, the logical-axis rules table, sharded state creation, multi-host start-up."""
 
+from starjax.parallel import multihost
 from starjax.parallel.distributed import initialize
 from starjax.parallel.mesh import AXES, MeshConfig, make_mesh
 from starjax.parallel.sharding import (
@@ -15,5 +16,5 @@ from starjax.parallel.sharding import (
 
 __all__ = [
     "AXES", "RULES", "MeshConfig", "constrain", "initialize", "logical_names", "logical_to_spec", "make_mesh",
-    "named_sharding", "replicated", "tree_shardings", "use_mesh",
+    "multihost", "named_sharding", "replicated", "tree_shardings", "use_mesh",
 ]

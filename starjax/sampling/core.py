@@ -169,13 +169,18 @@ def compiled_generate(cfg: ModelConfig, dc: DecodeConfig, mesh: Mesh | None):
   """One jitted generate function per (model config, decode config, mesh); jax caches shapes."""
   if mesh is None:
     return jax.jit(functools.partial(_generate_local, cfg, dc))
-  batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1) or None
-  row = P(batch_axes)
+  rows = row_sharding(mesh)
   fn = jax.shard_map(functools.partial(_generate_local, cfg, dc), mesh=mesh,
-                     in_specs=(P(), row, row, row), out_specs=row, check_vma=False)
+                     in_specs=(P(), rows.spec, rows.spec, rows.spec), out_specs=rows.spec,
+                     check_vma=False)
   replicated = NamedSharding(mesh, P())
-  rows = NamedSharding(mesh, row)
   return jax.jit(fn, in_shardings=(replicated, rows, rows, rows), out_shardings=rows)
+
+
+def row_sharding(mesh: Mesh) -> NamedSharding:
+  """Prompt rows split over the mesh's batch axes ('data', 'fsdp'); the rest replicated."""
+  batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1) or None
+  return NamedSharding(mesh, P(batch_axes))
 
 
 def batch_shards(mesh: Mesh | None) -> int:

@@ -3,6 +3,10 @@
 Prompts are grouped into batches, left-padded to a power-of-two length bucket, and the batch is
 padded to a bucket size, so a long run compiles once per (batch bucket, prompt bucket, max new
 tokens) and never per call.
+
+Multi-process runs: every process calls with the same prompts; each places only its own devices'
+rows on device, and the results are all-gathered, so every process returns the full, identical
+output (write it from `parallel.multihost.is_primary()` only).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from starjax.models.config import ModelConfig
+from starjax.parallel import multihost
 from starjax.sampling import core
 from starjax.sampling.core import DecodeConfig
 
@@ -92,8 +97,10 @@ def generate_tokens(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[in
   shards = core.batch_shards(mesh)
   batch_size = _round_up(min(batch_size, _bucket(len(prompts), 1)), shards)
   fn = core.compiled_generate(cfg, dc, mesh)
+  multiprocess = mesh is not None and multihost.is_multiprocess()
   if mesh is not None:
-    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    params = multihost.global_from_host(
+        params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
   n, k, m = len(prompts), num_samples, dc.max_new_tokens
   out = SampleOutput(np.zeros((n, k, m), np.int32), np.zeros((n, k), np.int32),
@@ -114,7 +121,10 @@ def generate_tokens(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[in
     pos[len(chunk):, -1] = 0
     row_ids = np.concatenate([ids[chunk], np.full(batch_size - len(chunk), -1)])
     keys = core.sample_keys(seed, jax.numpy.asarray(row_ids, jax.numpy.int32), k)
-    res = jax.device_get(fn(params, toks, pos, keys))
+    inputs = (toks, pos, keys)
+    if multiprocess:  # Every process holds the whole batch; each places its own devices' rows.
+      inputs = multihost.global_from_host(inputs, core.row_sharding(mesh))
+    res = multihost.to_host(fn(params, *inputs))  # All-gathered when rows span processes.
     sl = slice(start, start + len(chunk))
     out.tokens[sl] = res["tokens"][:len(chunk)]
     out.lengths[sl] = res["lengths"][:len(chunk)]

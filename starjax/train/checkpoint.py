@@ -76,7 +76,11 @@ class Checkpointer:
       ...
       ckpt.save(step, state, {"config": cfg, "data_pos": pos})
 
-  All processes must call ``save``/``restore``/``wait`` collectively (Orbax coordinates hosts).
+  All processes must call ``save``/``restore``/``wait`` collectively (Orbax coordinates hosts):
+  every process writes the shards it holds and process 0 the metadata and ``meta``, so the
+  directory must be one storage all processes see (a GCS bucket on a pod; any local path for
+  processes on one machine). Arrays may be sharded across processes and are restored onto the
+  target shardings, whatever the process count (tested in ``tests/test_multihost.py``).
   """
 
   def __init__(

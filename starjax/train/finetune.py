@@ -52,14 +52,14 @@ def finetune(cfg: ModelConfig, params: Any, examples: Sequence[batching.Example]
   if not kept:
     raise ValueError(f"None of the {len(examples)} examples fits seq_len={seq_len}.")
   rows = batching.make_rows(kept, seq_len, pad_id, pack=pack)
-  source = RowSource(rows, batch_size, seed)
+  source = RowSource(rows, batch_size, seed, mesh)
   # A constant schedule does not depend on the step count: one compiled step serves every
   # STaR iteration even though their lengths differ.
   tx, train_fn = _compiled(cfg, opt, steps if opt.schedule != "constant" else 1, mesh, batch_size)
   state = state_lib.create_train_state(cfg, tx, mesh, jax.random.key(seed), params=params)
   history = []
   for s in tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
-    state, m = train_fn(state, step_lib.device_batch(source(s), mesh))
+    state, m = train_fn(state, step_lib.device_batch(source(s), mesh, batch_size))
     history.append(m)
   history = [{k: float(v) for k, v in m.items()} for m in jax.device_get(history)]
   return state.params, history

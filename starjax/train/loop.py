@@ -19,6 +19,7 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+from jax.sharding import Mesh
 from ml_collections import config_dict
 from tqdm.auto import tqdm
 
@@ -143,21 +144,30 @@ def parse_config(config: Any, vocab_size: int | None = None) -> RunConfig:
 
 
 class RowSource:
-  """Deterministic batches: the rows of step s depend only on (seed, s) and the process."""
+  """Deterministic batches: the rows of step s depend only on (seed, s) and the process.
 
-  def __init__(self, rows: dict[str, np.ndarray], batch_size: int, seed: int):
+  Each process returns only its own rows of the global batch: those its devices hold on `mesh`
+  (`step.process_rows`), or without a mesh an equal contiguous slice per process.
+  """
+
+  def __init__(self, rows: dict[str, np.ndarray], batch_size: int, seed: int,
+               mesh: Mesh | None = None):
     n = len(rows["inputs"])
     if n == 0:
       raise ValueError("The dataset produced no rows.")
     self.rows = rows
     self.batch_size = batch_size
+    self.mesh = mesh
     self._index = grain.MapDataset.range(n).shuffle(seed=seed).repeat().batch(
         batch_size, drop_remainder=True)
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     idx = np.asarray(self._index[step])
-    local = self.batch_size // jax.process_count()
-    idx = idx[jax.process_index() * local:(jax.process_index() + 1) * local]
+    if self.mesh is not None:
+      idx = idx[step_lib.process_rows(self.mesh, self.batch_size)]
+    else:
+      local = self.batch_size // jax.process_count()
+      idx = idx[jax.process_index() * local:(jax.process_index() + 1) * local]
     return {k: v[idx] for k, v in self.rows.items()}
 
 
@@ -172,7 +182,8 @@ def evaluate(eval_fn, params, source: RowSource, n_batches: int, mesh) -> dict[s
   """Token-weighted loss and accuracy over `n_batches` eval batches."""
   totals = {"loss_sum": 0.0, "tokens": 0.0, "correct": 0.0}
   for i in range(n_batches):
-    stats = jax.device_get(eval_fn(params, step_lib.device_batch(source(i), mesh)))
+    stats = jax.device_get(eval_fn(params, step_lib.device_batch(source(i), mesh,
+                                                                  source.batch_size)))
     for k in totals:
       totals[k] += float(stats[k])
   n = max(totals["tokens"], 1.0)
@@ -201,13 +212,13 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
                                     tok=tok)
   train_rows = batching.make_rows(corpus.train, tc.seq_len, tok.pad_id, pack=tc.pack)
   eval_rows = batching.make_rows(corpus.eval, tc.seq_len, tok.pad_id, pack=tc.pack)
-  train_src = RowSource(train_rows, tc.batch_size, tc.data_seed)
-  eval_src = RowSource(eval_rows, tc.batch_size, tc.data_seed + 1) if len(
+  mesh = mesh_lib.make_mesh(run.mesh)
+  train_src = RowSource(train_rows, tc.batch_size, tc.data_seed, mesh)
+  eval_src = RowSource(eval_rows, tc.batch_size, tc.data_seed + 1, mesh) if len(
       eval_rows["inputs"]) >= tc.batch_size else None
   log.info("data: %d train rows, %d eval rows", len(train_rows["inputs"]),
            len(eval_rows["inputs"]))
 
-  mesh = mesh_lib.make_mesh(run.mesh)
   tx = optim.make_optimizer(run.optimizer, tc.steps)
   schedule = optim.learning_rate_schedule(run.optimizer, tc.steps)
   shardings = state_lib.state_shardings(run.model, tx, mesh)
@@ -236,7 +247,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
   try:
     with checkpoint.PreemptionFlag() as flag:
       while step < tc.steps:
-        state, m = train_fn(state, step_lib.device_batch(train_src(step), mesh))
+        state, m = train_fn(state, step_lib.device_batch(train_src(step), mesh, tc.batch_size))
         step += 1
         steps_done += 1
         bar.update(1)

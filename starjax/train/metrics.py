@@ -12,7 +12,8 @@ Non-finite floats (NaN, +-inf) are written to JSON as ``null`` so every line sta
 On resume, ``truncate_after(step)`` drops lines logged after the restored checkpoint so re-run
 steps are not duplicated; it rewrites through a temporary file and ``os.replace``, so a crash
 leaves either the old or the new file, never a half-written one. Only process 0 writes; on
-other processes every method is a no-op.
+other processes every method is a no-op, so values must already be host values or replicated
+arrays (gather others first with ``starjax.parallel.multihost.to_host``, on every process).
 """
 
 from __future__ import annotations

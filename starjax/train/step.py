@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
 from starjax.models.config import ModelConfig
 from starjax.models.llama import Transformer
-from starjax.parallel import sharding
+from starjax.parallel import multihost, sharding
 from starjax.train import losses
 from starjax.train.state import TrainState
 
@@ -84,10 +86,35 @@ def jit_eval_step(cfg: ModelConfig, mesh: Mesh, param_shardings: Any,
   return jax.jit(step, in_shardings=(param_shardings, bsh), out_shardings=sharding.replicated(mesh))
 
 
-def device_batch(rows: dict[str, Any], mesh: Mesh) -> Batch:
-  """Host rows (this process's slice) -> global arrays sharded over the batch axes."""
+@functools.lru_cache(maxsize=64)
+def process_rows(mesh: Mesh, batch_size: int) -> np.ndarray:
+  """Rows of a global batch that this process loads for `device_batch` (ascending indices).
+
+  All rows on one process; on several, the rows its devices hold under `batch_sharding` (every
+  row when the batch is too small to split, which then must be identical on all processes).
+  """
+  rows = (np.arange(batch_size) if jax.process_count() == 1
+          else multihost.process_rows(batch_sharding(mesh, 1, batch_size), batch_size))
+  rows.flags.writeable = False  # Shared by every caller through the cache.
+  return rows
+
+
+def device_batch(rows: dict[str, Any], mesh: Mesh, batch_size: int | None = None) -> Batch:
+  """Host rows (this process's `process_rows`) -> global arrays sharded over the batch axes.
+
+  Args:
+    rows: arrays whose leading dimension holds this process's rows of the batch.
+    mesh: the mesh the train step runs on.
+    batch_size: the global batch size; default: local rows x process count (exact whenever the
+      batch splits evenly over processes, always on one process).
+  """
   out = {}
   for k, v in rows.items():
-    sh = batch_sharding(mesh, v.ndim, v.shape[0] * jax.process_count())
-    out[k] = jax.make_array_from_process_local_data(sh, v)
+    n = batch_size or v.shape[0] * jax.process_count()
+    if jax.process_count() > 1 and v.shape[0] != len(process_rows(mesh, n)):
+      raise ValueError(f"device_batch: {k!r} has {v.shape[0]} rows, but this process holds "
+                       f"{len(process_rows(mesh, n))} of the global batch of {n} "
+                       "(load process_rows(mesh, batch_size)).")
+    sh = batch_sharding(mesh, v.ndim, n)
+    out[k] = jax.make_array_from_process_local_data(sh, v, (n,) + v.shape[1:])
   return out
