@@ -31,8 +31,9 @@ def _reference_scratch(a: int, b: int) -> str:
   out = [f"{' '.join(str(a))} + {' '.join(str(b))} , C: 0"]
   carry, so_far = 0, ""
   for k, (x, y) in enumerate(pairs):
-    if k:
-      out.append(f"{x} + {y} , {so_far}C: {carry}")
+    if k:  # What is left of each operand: its first len - k digits.
+      rest_a, rest_b = " ".join(str(a)[:-k]), " ".join(str(b)[:-k])
+      out.append(f"{rest_a} + {rest_b} , {so_far}C: {carry}")
     s = int(x) + int(y) + carry
     carry, so_far = int(s >= 10), f"{s % 10} {so_far}"
   out.append(f", {so_far}C: {carry}")
@@ -67,13 +68,25 @@ def test_unequal_lengths_pad_missing_digits_with_zero():
   assert ar.scratchpad(Problem(1, 23)) == (
     "<scratch>\n1 + 2 3 , C: 0\n0 + 2 , 4 C: 0\n, 2 4 C: 0\n0 2 4\n</scratch>\n2 4\n"
   )
+  assert ar.scratchpad(Problem(5, 123)) == (
+    "<scratch>\n5 + 1 2 3 , C: 0\n0 0 + 1 2 , 8 C: 0\n0 + 1 , 2 8 C: 0\n, 1 2 8 C: 0\n"
+    "0 1 2 8\n</scratch>\n1 2 8\n"
+  )
+  assert ar.parse_scratchpad(ar.scratchpad(Problem(5, 123))).total == 128
+
+
+def test_step_lines_drop_one_digit_of_each_operand_per_line():
+  lines = ar.scratchpad(Problem(4567, 1289)).split("\n")[1:6]
+  assert lines == ["4 5 6 7 + 1 2 8 9 , C: 0", "4 5 6 + 1 2 8 , 6 C: 1", "4 5 + 1 2 , 5 6 C: 1",
+                   "4 + 1 , 8 5 6 C: 0", ", 5 8 5 6 C: 0"]
 
 
 def test_zero_padded_width_is_a_wider_layout_with_the_same_arithmetic():
   p = Problem(29, 57)
   padded = ar.scratchpad(p, width=4)
-  assert padded == ("<scratch>\n0 0 2 9 + 0 0 5 7 , C: 0\n2 + 5 , 6 C: 1\n0 + 0 , 8 6 C: 0\n"
-                    "0 + 0 , 0 8 6 C: 0\n, 0 0 8 6 C: 0\n0 0 0 8 6\n</scratch>\n8 6\n")
+  assert padded == ("<scratch>\n0 0 2 9 + 0 0 5 7 , C: 0\n0 0 2 + 0 0 5 , 6 C: 1\n"
+                    "0 0 + 0 0 , 8 6 C: 0\n0 + 0 , 0 8 6 C: 0\n, 0 0 8 6 C: 0\n0 0 0 8 6\n"
+                    "</scratch>\n8 6\n")
   assert ar.prompt(p, width=4) == "Input:\n0 0 2 9 + 0 0 5 7\nTarget:\n"
   assert ar.hint(p, width=4) == "0 0 0 8 6"
   assert ar.extract_answer(padded) == 86
@@ -153,7 +166,8 @@ def test_scratchpad_round_trip(d):
 
 def test_round_trip_steps_content():
   parsed = ar.parse_scratchpad(ar.scratchpad(Problem(456, 789)))
-  assert parsed.steps == (ar.Step(5, 8, (5,), 1), ar.Step(4, 7, (4, 5), 1))
+  assert parsed.steps == (ar.Step((4, 5), (7, 8), (5,), 1), ar.Step((4,), (7,), (4, 5), 1))
+  assert [s.pair for s in parsed.steps] == [(5, 8), (4, 7)]
   assert parsed.sum_digits == (2, 4, 5) and parsed.carry == 1 and parsed.total == 1245
 
 
@@ -167,11 +181,13 @@ def _replace_line(text: str, index: int, new: str) -> str:
   "index,new,offending",
   [
     # Operand changed: the first step line no longer follows.
-    (1, "4 5 6 + 7 8 8 , C: 0", "5 + 8 , 5 C: 1"),
+    (1, "4 5 6 + 7 8 8 , C: 0", "4 5 + 7 8 , 5 C: 1"),
     (1, "4 5 6 + 7 8 9 , C: 1", None),  # Nonzero initial carry.
-    (2, "5 + 8 , 6 C: 1", None),  # Wrong digit.
-    (2, "5 + 8 , 5 C: 0", None),  # Wrong carry.
-    (2, "5 + 9 , 5 C: 1", None),  # Pair does not match the operands.
+    (2, "4 5 + 7 8 , 6 C: 1", None),  # Wrong digit.
+    (2, "4 5 + 7 8 , 5 C: 0", None),  # Wrong carry.
+    (2, "4 5 + 7 9 , 5 C: 1", None),  # Remaining digits do not match the operands.
+    (2, "5 + 8 , 5 C: 1", None),  # Only the next pair, not all remaining digits.
+    (2, "4 5 + 7 , 5 C: 1", None),  # Operands of different remaining lengths.
     (3, "4 + 7 , 4 5 C: 0", None),  # Wrong carry.
     (3, "4 + 7 ,  4 5 C: 1", None),  # Wrong shape (double space).
     (4, ", 2 4 5 C: 0", None),  # Final carry wrong.

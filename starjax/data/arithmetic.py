@@ -15,19 +15,29 @@ One example is a prompt followed by a completion:
 
 Numbers are written digit by digit, separated by single spaces. Inside the scratchpad, the first
 line repeats the operands with the starting carry. Then comes one line per digit pair, right to
-left, skipping the rightmost pair. Each of these lines shows the pair and the state *before* that
-pair is added: the sum digits so far, each followed by a space, and the carry. The line
-`, {digits} C: {carry}` gives the state after the last pair, and `{carry} {digits}` is the full
-result with its carry digit. This last line is the rationalization hint.
+left, skipping the rightmost pair. Each of these lines shows the operands that are still to be
+added (each one's digits left of the pairs already done) and the state *before* the next pair is
+added: the sum digits so far, each followed by a space, and the carry. So a line is the previous
+line with the last digit of each operand dropped, and the digit pair to add next always sits at
+the end of each operand (the layout of Nye et al. 2021 that STaR's `gen_sums.py` writes):
+
+  4 5 6 + 7 8 9 , C: 0
+  4 5 + 7 8 , 5 C: 1
+  4 + 7 , 4 5 C: 1
+  , 2 4 5 C: 1
+  1 2 4 5
+
+The line `, {digits} C: {carry}` gives the state after the last pair, and `{carry} {digits}` is
+the full result with its carry digit. This last line is the rationalization hint.
 
 Conventions that this module fixes (the reference `gen_sums.py` leaves them open):
 
 * A completion ends with exactly one "\\n". Examples are joined with `EXAMPLE_SEPARATOR` ("\\n"), so
   consecutive examples are separated by a blank line, as in the reference ("{sum}\\n\\n").
 * Unequal operand lengths: the operand line shows both numbers unpadded. In the step lines, the
-  shorter operand's missing digits are treated as absent, i.e. they contribute 0, and are written
-  as "0" so every step line has the same shape. For example, 99 + 1 has the step line
-  `9 + 0 , 0 C: 1`. The reference samples equal lengths only, and so does `sample_problems`.
+  shorter operand is left-padded with zeros to the longer one's length, so both remaining parts
+  have the same length. For example, 99 + 1 has the step line `9 + 0 , 0 C: 1`, and 5 + 123 has
+  `0 0 + 1 2 , 8 C: 0`. The reference samples equal lengths only, and so does `sample_problems`.
 * 1-digit problems have no step lines: operand line, `, {digit} C: {carry}`, `{carry} {digit}`.
 * Operands with d digits are drawn from [10^(d-1), 10^d), so 1-digit operands are 1..9 (81
   problems). Problems are ordered pairs: 2 + 5 and 5 + 2 are different problems.
@@ -48,7 +58,7 @@ EXAMPLE_SEPARATOR = "\n"  # Joins full examples; each already ends with "\n".
 _NUMBER_RE = re.compile(r"[0-9](?:[ \t]*[0-9])*")
 _DIGITS = r"[0-9](?: [0-9])*"
 _HEADER_RE = re.compile(rf"({_DIGITS}) \+ ({_DIGITS}) , C: ([0-9])")
-_STEP_RE = re.compile(r"([0-9]) \+ ([0-9]) , ((?:[0-9] )*)C: ([0-9])")
+_STEP_RE = re.compile(rf"({_DIGITS}) \+ ({_DIGITS}) , ((?:[0-9] )*)C: ([0-9])")
 _FINAL_RE = re.compile(r", ((?:[0-9] )*)C: ([0-9])")
 # A hint is a digits-only line right after "Target:" and before the completion, which is either a
 # scratchpad or a (digits-only) direct answer.
@@ -83,12 +93,17 @@ class Problem:
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-  """One middle scratchpad line: the next digit pair and the state before adding it."""
+  """One middle scratchpad line: the operand digits still to add and the state before them."""
 
-  a_digit: int
-  b_digit: int
+  a_digits: tuple[int, ...]  # What is left of the first operand (zero-padded), most significant first.
+  b_digits: tuple[int, ...]
   sum_digits: tuple[int, ...]  # Sum digits so far, most significant first.
   carry: int
+
+  @property
+  def pair(self) -> tuple[int, int]:
+    """The digit pair this line adds next: the last remaining digit of each operand."""
+    return self.a_digits[-1], self.b_digits[-1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +159,10 @@ def _digit_list(n: int) -> list[int]:
   return [int(c) for c in str(n)]
 
 
+def _spaced(digits: Iterable[int]) -> str:
+  return " ".join(str(d) for d in digits)
+
+
 def _running(digits: Iterable[int]) -> str:
   """Sum digits as they appear before "C:" in the reference: each followed by a space."""
   return "".join(f"{d} " for d in digits)
@@ -177,7 +196,8 @@ def _scratch_lines(p: Problem, width: int | None = None) -> list[str]:
   for k in range(n):  # k-th pair from the right.
     i = n - 1 - k
     if k > 0:
-      lines.append(f"{a_pad[i]} + {b_pad[i]} , {_running(sum_digits)}C: {carry}")
+      lines.append(f"{_spaced(a_pad[:i + 1])} + {_spaced(b_pad[:i + 1])} , "
+                   f"{_running(sum_digits)}C: {carry}")
     s = a_pad[i] + b_pad[i] + carry
     carry = s // 10
     sum_digits.insert(0, s % 10)
@@ -344,11 +364,12 @@ def parse_scratchpad(text: str) -> Scratchpad:
     want = _add(pair, digits, carry)
     if got != want:
       raise ValueError(f"state does not follow from the previous line: {line!r}, expected {want}")
-    pair = (int(sm.group(1)), int(sm.group(2)))
-    if pair != (a_pad[n - 1 - k], b_pad[n - 1 - k]):
-      raise ValueError(f"digit pair does not match the operands: {line!r}")
+    rest = (_split_digits(sm.group(1)), _split_digits(sm.group(2)))
+    if rest != (a_pad[: n - k], b_pad[: n - k]):
+      raise ValueError(f"remaining operand digits do not match the operands: {line!r}")
     digits, carry = got
-    steps.append(Step(pair[0], pair[1], digits, carry))
+    steps.append(Step(rest[0], rest[1], digits, carry))
+    pair = steps[-1].pair
 
   line = line_at(n, "final state line")
   fm = _FINAL_RE.fullmatch(line)
