@@ -75,6 +75,31 @@ def text_files_corpus(tok, *, train_files: Sequence[str], eval_files: Sequence[s
   return Corpus(train=[enc(d) for d in train_docs], eval=[enc(d) for d in eval_docs])
 
 
+def gsm8k_text_corpus(tok, *, data_dir: str | None = None, n_train: int | None = None,
+                      n_eval: int | None = 200) -> Corpus:
+  """GSM8K worked solutions as plain text, one example (document) per problem.
+
+  A document is the GSM8K task's prompt and gold completion, `Q: {question}\nA: {solution}\n
+  #### N\n`, with BOS and EOS and loss on every token. Train documents are the first `n_train`
+  problems of the train split (all if None), eval documents the first `n_eval` of the test split.
+  `data_dir` (a folder with train.jsonl and test.jsonl) defaults to `$STARJAX_DATA_DIR/gsm8k`.
+  """
+  from starjax.data import gsm8k  # pylint: disable=g-import-not-at-top
+
+  task = gsm8k.Gsm8kTask(data_dir, use_tfds=False)
+
+  def docs(split: str, n: int | None) -> list[Example]:
+    out = []
+    for ex in task.load(split)[:n]:
+      ids = tok.encode(task.prompt(ex) + task.reference_completion(ex) + "\n", add_bos=True,
+                       add_eos=True)
+      out.append(Example(ids, [1] * len(ids)))
+    return out
+
+  return Corpus(train=docs("train", n_train), eval=docs("test", n_eval))
+
+
+
 def arithmetic_seed_corpus(tok, *, rationale_digits: Sequence[int] = (1, 2),
                            n_rationale_per_digit: int = 300, hint_fraction: float = 0.3,
                            answer_digits: Sequence[int] = (1, 2, 3, 4, 5),
@@ -142,7 +167,7 @@ def arithmetic_seed_corpus(tok, *, rationale_digits: Sequence[int] = (1, 2),
 def scratch_layout(p: arithmetic.Problem) -> str:
   """The layout of p's scratchpad without its arithmetic: sum digits and carries become "_".
 
-  "3 4 5 + 6 7 8" -> "3 4 5 + 6 7 8 , C: 0\\n4 + 7 , _ C: _\\n3 + 6 , _ _ C: _\\n, _ _ _ C: _\\n
+  "3 4 5 + 6 7 8" -> "3 4 5 + 6 7 8 , C: 0\\n3 4 + 6 7 , _ C: _\\n3 + 6 , _ _ C: _\\n, _ _ _ C: _\\n
   _ _ _ _\\n</layout>\\n" (after the prompt's "<layout>\\n"): which digits go on which line, and
   how long each line is, but nothing about adding them.
   """
@@ -168,4 +193,5 @@ BUILDERS: dict[str, Callable[..., Corpus]] = {
     "arithmetic": arithmetic_corpus,
     "arithmetic_seed": arithmetic_seed_corpus,
     "text_files": text_files_corpus,
+    "gsm8k_text": gsm8k_text_corpus,
 }

@@ -6,9 +6,8 @@ files, ...) are concatenated in order, each keeping its BOS/EOS, and the stream 
 non-overlapping windows of `seq_len` tokens (the tail shorter than a window is dropped). Batches
 come from `starjax.train.loop.RowSource`, so the windows of step s depend only on (seed, s).
 
-Importing this module also registers the corpus "gsm8k_text" (GSM8K worked solutions as plain
-text) in `starjax.data.corpora.BUILDERS`, so the warm-up phase (a `starjax.train` run) and the
-Quiet-STaR phase read the same documents.
+The warm-up phase (a `starjax.train` run) and the Quiet-STaR phase read the same corpora, e.g.
+"gsm8k_text" (GSM8K worked solutions as plain text) from `starjax.data.corpora.BUILDERS`.
 """
 
 from __future__ import annotations
@@ -17,35 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from starjax.data import corpora
 from starjax.train.batching import Example
-
-
-def gsm8k_text_corpus(tok, *, data_dir: str | None = None, n_train: int | None = None,
-                      n_eval: int | None = 200) -> corpora.Corpus:
-  """GSM8K worked solutions as plain text, one example (document) per problem.
-
-  A document is the GSM8K task's prompt and gold completion, `Q: {question}\nA: {solution}\n
-  #### N\n`, with BOS and EOS and loss on every token. Train documents are the first `n_train`
-  problems of the train split (all if None), eval documents the first `n_eval` of the test split.
-  `data_dir` (a folder with train.jsonl and test.jsonl) defaults to `$STARJAX_DATA_DIR/gsm8k`.
-  """
-  from starjax.data import gsm8k  # pylint: disable=g-import-not-at-top
-
-  task = gsm8k.Gsm8kTask(data_dir, use_tfds=False)
-
-  def docs(split: str, n: int | None) -> list[Example]:
-    out = []
-    for ex in task.load(split)[:n]:
-      ids = tok.encode(task.prompt(ex) + task.reference_completion(ex) + "\n", add_bos=True,
-                       add_eos=True)
-      out.append(Example(ids, [1] * len(ids)))
-    return out
-
-  return corpora.Corpus(train=docs("train", n_train), eval=docs("test", n_eval))
-
-
-corpora.BUILDERS.setdefault("gsm8k_text", gsm8k_text_corpus)
 
 
 def token_stream(examples: Sequence[Example]) -> np.ndarray:
