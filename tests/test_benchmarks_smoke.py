@@ -16,10 +16,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import run_all, train_step  # noqa: E402
+from benchmarks import quiet_star_step, run_all, train_step  # noqa: E402
 
 TRAIN_ROW_KEYS = ("model", "seq_len", "dtype", "tokens_per_s", "mfu", "peak_mem_mb",
                   "torch_tokens_per_s")
+QS_ROW_KEYS = ("seq_len", "n_ahead", "step_s", "peak_mem_mb", "dense_step_s", "dense_peak_mem_mb")
 
 
 def _positive(x) -> bool:
@@ -94,3 +95,50 @@ def test_flops_formula():
   flops = train_step.train_flops(tied, batch=2, seq_len=8)
   attn = 12 * tied.n_layers * 8 * tied.n_heads * tied.head_dim * 16
   assert flops == 6 * tied.num_params() * 16 + attn
+
+
+def test_quiet_star_step_schema(quick_run):
+  _, combined, stdout = quick_run
+  res = combined["benchmarks"]["quiet_star_step"]
+  assert "flops_per_step = 3 * (base + thought + talk)" in res["flops_formula"]
+  assert res["ceiling"]["gflops"] == combined["ceiling_gflops"]
+  for r in res["rows"]:
+    assert "skipped" not in r and "dense_skipped" not in r, r
+    for key in QS_ROW_KEYS:
+      assert key in r, key
+    for key in ("step_s", "peak_mem_mb", "dense_step_s", "dense_peak_mem_mb", "flops_per_step",
+                "gflops_per_s", "mfu", "speedup_vs_dense", "tokens_per_s"):
+      assert _positive(r[key]), (key, r[key])
+    assert r["dense_flops_per_step"] > r["flops_per_step"]
+    assert r["run"]["loss_finite"] and r["dense_run"]["loss_finite"]
+    # The dense-mask baseline is the same objective: same first loss from the same start.
+    assert r["loss_diff_vs_dense"] < 1e-4 * max(1.0, abs(r["run"]["first_loss"]))
+  ref = res["reference"]
+  assert {(x["seq_len"], x["n_ahead"]) for x in ref["rows"]} == {(256, 16), (256, 4)}
+  assert set(res["targets"]["met"]) == {"speedup_vs_reference", "mem_reduction_vs_reference",
+                                        "speedup_vs_dense", "linear_in_n"}
+  assert "| quiet_star_step |" in stdout
+
+
+def test_quiet_star_flops_formula():
+  model_cfg = quiet_star_step.model_config()
+  assert (model_cfg.n_layers, model_cfg.dim, model_cfg.vocab_size) == (4, 128, 512)
+  qcfg = quiet_star_step.quiet_star_config(16)
+  assert (qcfg.n_sampled, qcfg.n_steps, qcfg.n_passes, qcfg.n_ahead_talk) == (13, 19, 2, 4)
+  b, n, s, p, t = 2, 256, 19, 2, 4
+  lin = 2.0 * (model_cfg.num_params() - 512 * 128)
+  att = lambda keys: 4.0 * 4 * model_cfg.n_heads * model_cfg.head_dim * keys
+  talk = b * p * t * n * (2.0 * 128 * 512 + 2.0 * (3 * 128**2 + 128))
+  for dense, keys in ((False, n + s - 1), (True, n * s)):
+    forward = b * n * (lin + att(n)) + b * p * (s - 1) * n * (lin + att(keys)) + talk
+    flops = quiet_star_step.step_flops(model_cfg, qcfg, b, n, dense=dense)
+    assert math.isclose(flops["flops_per_step"], 3 * forward)
+
+
+def test_quiet_star_linearity():
+  rows = [{"seq_len": 8, "n_ahead": n, "step_s": 1.0 + n, "flops_per_step": 1.0 + n,
+           "dense_step_s": 1.0 + n * n, "dense_flops_per_step": 1.0 + n * n} for n in (4, 8, 16)]
+  (lin,) = quiet_star_step.linearity(rows)
+  assert lin["linear"] and abs(lin["chord_deviation"]) < 1e-9 and lin["step_ratio"] == 17 / 5
+  (dense,) = quiet_star_step.linearity(rows, "dense_")
+  assert not dense["linear"] and dense["chord_deviation"] < -0.1
