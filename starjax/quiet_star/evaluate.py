@@ -20,8 +20,8 @@ under the base logits and under the mixed logits of the step that reads <end-of-
 * Zero-shot CoT with majority vote (`zero_shot_cot`): `Q: {q}\nA: Let's think step by step.`, k
   sampled rationales, then the answer trigger and a greedy answer; the majority vote of the k
   extracted answers is scored (`starjax.eval.passk`). Generation goes through a `TextGenerator`;
-  the default samples the base LM with `starjax.sampling`. Thought-augmented generation (issue #6
-  item 5) plugs in by adding a factory to `GENERATORS` and setting `eval.cot_generator`.
+  the default samples the base LM with `starjax.sampling`; `eval.cot_generator="thoughts"` thinks
+  before every token (`quiet_star.inference`, cached).
 * Difficult tokens (`difficult_tokens`): on held-out windows, the per-token loss change
   (with thoughts - base) grouped by the base loss into deciles (equal-count groups in the order
   of base loss, ties by position), as JSON and a PNG plot.
@@ -500,9 +500,16 @@ def base_lm_generator(params: Params, model_cfg: ModelConfig, tok: Any, cfg: Qui
   return generate
 
 
+def thought_generator(*args: Any, **kwargs: Any) -> TextGenerator:
+  """Thought-augmented generation with a KV cache (`quiet_star.inference.thought_lm_generator`)."""
+  from starjax.quiet_star import inference  # pylint: disable=g-import-not-at-top
+
+  return inference.thought_lm_generator(*args, **kwargs)
+
+
 # name -> factory(params, model_cfg, tok, cfg, mesh=..., batch_size=..., progress=...).
-# Thought-augmented generation (issue #6 item 5) registers itself here, e.g. as "thoughts".
-GENERATORS: dict[str, Callable[..., TextGenerator]] = {"base": base_lm_generator}
+GENERATORS: dict[str, Callable[..., TextGenerator]] = {"base": base_lm_generator,
+                                                       "thoughts": thought_generator}
 
 COT_TRIGGER = " Let's think step by step."
 ANSWER_TRIGGERS = {"gsm8k": "\nTherefore, the answer (arabic numerals) is",
