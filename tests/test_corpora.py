@@ -52,25 +52,39 @@ def test_seed_without_widths_is_unpadded():
     assert len(a) <= 2
 
 
-def test_scratch_layout_keeps_the_layout_and_drops_all_arithmetic():
-  for p in [arithmetic.Problem(345, 678), arithmetic.Problem(3, 8), arithmetic.Problem(99999, 1)]:
-    layout = corpora.scratch_layout(p).split("\n")
-    scratch = arithmetic.scratchpad(p).split("\n")[1:]  # Without "<scratch>".
-    body = scratch[:scratch.index("</scratch>")]
-    assert layout[len(body)] == "</layout>"
-    assert layout[0] == body[0]  # The operand line is a copy.
-    for got, want in zip(layout[1:len(body) - 1], body[1:-1]):
-      assert len(got) == len(want)  # Same layout, character for character ...
-      assert got.split(",")[0] == want.split(",")[0]  # ... the same digit pair ...
-      assert not any(ch.isdigit() for ch in got.split(",")[-1])  # ... and no sum or carry.
-    assert layout[len(body) - 1] == " ".join("_" * len(body[-1].split()))  # "{carry} {sum}".
+def test_scaffold_trains_the_layout_and_none_of_the_arithmetic():
+  p, q = arithmetic.Problem(3456, 7891), arithmetic.Problem(5555, 4445)
+  ex = corpora.scaffold_example(TOK, p, q)
+  text = TOK.decode(ex.tokens)
+  # The full text is p's prompt and operand lines with q's sums: a well-formed scratchpad shape.
+  lines = text.split("\n")
+  assert lines[:5] == ["Input:", "3 4 5 6 + 7 8 9 1", "Target:", "<scratch>",
+                       "3 4 5 6 + 7 8 9 1 , C: 0"]
+  assert lines[5:8] == ["3 4 5 + 7 8 9 , 0 C: 1", "3 4 + 7 8 , 0 0 C: 1", "3 + 7 , 0 0 0 C: 1"]
+  assert lines[-3:] == ["</scratch>", "1 0 0 0 0", ""]
+  # Trained tokens: operand lines, separators, tags; never a digit that is part of a sum.
+  chars = [(TOK.decode([t]), m) for t, m in zip(ex.tokens[1:], ex.loss_mask[1:])]
+  trained = "".join(c if m or c == "\n" else "#" for c, m in chars)
+  assert all(not m for c, m in chars[:len("Input:\n3 4 5 6 + 7 8 9 1\nTarget:\n<scratch>\n")])
+  got = trained.split("\n")
+  assert got[4] == "3 4 5 6 + 7 8 9 1 , C: 0"
+  assert got[5] == "3 4 5 + 7 8 9 , " + "#" * len("0 C: 1")
+  assert got[8] == ", " + "#" * len("0 0 0 0 C: 1")
+  assert set(got[9]) == {"#"} and got[10] == "</scratch>" and set(got[11]) == {"#"}
+  assert not any(c.isdigit() for line in got[5:] for c in line.split(", ")[-1])
+  assert ex.loss_mask[-1] == 1 and ex.tokens[-1] == TOK.eos_id
+  # Same length as p's own scratchpad, line by line (the same layout).
+  own = (arithmetic.prompt(p) + arithmetic.scratchpad(p)).split("\n")
+  assert [len(x) for x in own] == [len(x) for x in lines]
 
 
-def test_layout_examples_cover_their_digit_counts():
+def test_scaffold_examples_cover_their_digit_counts_and_avoid_test():
   c = corpora.arithmetic_seed_corpus(TOK, n_rationale_per_digit=0, answer_digits=(),
-                                     n_test_per_digit=10, layout_digits=(3, 5),
-                                     n_layout_per_digit=7)
+                                     n_test_per_digit=10, scaffold_digits=(3, 5),
+                                     n_scaffold_per_digit=7)
   texts = _texts(c)
   assert len(texts) == 14
   assert sorted(len(_operands(p)[0]) for p, _ in texts) == [3] * 7 + [5] * 7
-  assert all(p.endswith("<layout>\n") and c.endswith("</layout>\n") for p, c in texts)
+  test = {(x.a, x.b) for x in arithmetic.make_splits(0, digits=(3, 5), n_train_per_digit=0,
+                                                     n_test_per_digit=10, ood_digits=())["test"]}
+  assert not {tuple(int(x) for x in _operands(p)) for p, _ in texts} & test

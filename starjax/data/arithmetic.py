@@ -185,7 +185,7 @@ def _padded(n: int, width: int | None) -> str:
   return format_number(n) if width is None else " ".join(str(n).zfill(width))
 
 
-def _scratch_lines(p: Problem, width: int | None = None) -> list[str]:
+def scratch_lines(p: Problem, width: int | None = None) -> list[str]:
   """The lines strictly between `<scratch>` and `</scratch>` (operands zero-padded to `width`)."""
   n = _width(p, width)
   a_pad = [0] * (n - len(str(p.a))) + _digit_list(p.a)
@@ -219,7 +219,7 @@ def prompt(p: Problem, width: int | None = None) -> str:
 
 def scratchpad(p: Problem, width: int | None = None) -> str:
   """The rationale + answer completion: "<scratch>\\n...\\n</scratch>\\n{sum}\\n"."""
-  body = "\n".join(_scratch_lines(p, width))
+  body = "\n".join(scratch_lines(p, width))
   return f"{SCRATCH_OPEN}\n{body}\n{SCRATCH_CLOSE}\n{format_number(p.answer)}\n"
 
 
@@ -235,7 +235,7 @@ def example(p: Problem, *, rationale: bool = True) -> str:
 
 def hint(p: Problem, width: int | None = None) -> str:
   """The rationalization hint: the last scratch line, "{carry} {digits}" (e.g. "0 8 6")."""
-  return _scratch_lines(p, width)[-1]
+  return scratch_lines(p, width)[-1]
 
 
 def prompt_with_hint(p: Problem, width: int | None = None) -> str:

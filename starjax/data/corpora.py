@@ -105,7 +105,7 @@ def arithmetic_seed_corpus(tok, *, rationale_digits: Sequence[int] = (1, 2),
                            answer_digits: Sequence[int] = (1, 2, 3, 4, 5),
                            n_answer_per_digit: int = 300, n_test_per_digit: int = 100,
                            rationale_widths: Sequence[int] = (),
-                           layout_digits: Sequence[int] = (), n_layout_per_digit: int = 0,
+                           scaffold_digits: Sequence[int] = (), n_scaffold_per_digit: int = 0,
                            seed: int = 0) -> Corpus:
   """The seed set of the STaR arithmetic demo (the analogue of the paper's few-shot prompt).
 
@@ -123,8 +123,11 @@ def arithmetic_seed_corpus(tok, *, rationale_digits: Sequence[int] = (1, 2),
   scratchpads alone never writes a correct wider one (it has seen the layout at two widths only),
   so STaR would have nothing to bootstrap from; a pretrained LM brings such format knowledge.
 
-  `layout_digits` adds `scratch_layout` examples: the scratchpad layout of real problems of those
-  digit counts with every sum digit and carry replaced by "_" (no arithmetic at all).
+  `scaffold_digits` adds `scaffold_example`s for those digit counts: scratchpads whose operand
+  lines are trained but whose arithmetic (every sum digit, carry, result and answer) is masked
+  from the loss and taken from a different problem. They teach how a wider scratchpad is laid out
+  (copy the operands, drop one digit of each per line), the format knowledge a pretrained LM
+  brings, and nothing about adding those digits.
   """
   task = arithmetic_task.ArithmeticTask(digits=(1,), n_train_per_digit=1, n_test_per_digit=1)
   digits = sorted(set(rationale_digits) | set(answer_digits))
@@ -150,13 +153,12 @@ def arithmetic_seed_corpus(tok, *, rationale_digits: Sequence[int] = (1, 2),
     if d in answer_digits:
       for p in problems[n_rat:n_rat + n_answer_per_digit]:
         train.append(_encode_example(tok, arithmetic.prompt(p), arithmetic.direct_answer(p), True))
-  layout_rng = np.random.default_rng([seed, 11])
-  for d in layout_digits:
-    for _ in range(n_layout_per_digit):
-      low = 10 ** (d - 1) if d > 1 else 0
-      p = arithmetic.Problem(*(int(layout_rng.integers(low, 10**d)) for _ in range(2)))
-      train.append(_encode_example(tok, arithmetic.prompt(p) + "<layout>\n", scratch_layout(p),
-                                   True))
+  scaffold_rng = np.random.default_rng([seed, 11])
+  for d in scaffold_digits:
+    drawn = arithmetic.sample_problems(scaffold_rng, d, 2 * n_scaffold_per_digit,
+                                       exclude=set(splits["test"]))
+    for p, q in zip(drawn[::2], drawn[1::2]):
+      train.append(scaffold_example(tok, p, q))
   order = rng.permutation(len(train))
   evals = [_encode_example(tok, task.prompt(ex), task.reference_completion(ex), True)
            for ex in map(arithmetic_task.to_example,
@@ -164,29 +166,33 @@ def arithmetic_seed_corpus(tok, *, rationale_digits: Sequence[int] = (1, 2),
   return Corpus(train=[train[i] for i in order], eval=evals)
 
 
-def scratch_layout(p: arithmetic.Problem) -> str:
-  """The layout of p's scratchpad without its arithmetic: sum digits and carries become "_".
+def scaffold_segments(p: arithmetic.Problem, other: arithmetic.Problem) -> list[tuple[str, bool]]:
+  """p's prompt and scratchpad with `other`'s arithmetic, as (text, trained) pieces.
 
-  "3 4 5 + 6 7 8" -> "3 4 5 + 6 7 8 , C: 0\\n3 4 + 6 7 , _ C: _\\n3 + 6 , _ _ C: _\\n, _ _ _ C: _\\n
-  _ _ _ _\\n</layout>\\n" (after the prompt's "<layout>\\n"): which digits go on which line, and
-  how long each line is, but nothing about adding them.
+  Trained: the operand lines ("4 5 + 7 8 , "), line breaks, tags and the end. Not trained: the
+  prompt and every piece of arithmetic (sum digits, carries, the result line, the answer), which
+  come from `other` (same digit count), so the text holds no correct sum of p's digits.
   """
-  body = arithmetic.scratchpad(p)[len(arithmetic_task.SCRATCH):]
-  body = body.split(arithmetic.SCRATCH_CLOSE, 1)[0]
-  lines = body.rstrip("\n").split("\n")
-  out = []
-  for i, line in enumerate(lines):
-    if i == 0:  # The operand line: a copy of the input ("C: 0" is a constant).
-      out.append(line)
-      continue
-    if i == len(lines) - 1:  # "{carry} {digits}": all arithmetic.
-      out.append(" ".join("_" for _ in line.split()))
-      continue
-    head, tail = line.rsplit(" , ", 1) if " , " in line else ("", line[2:])
-    sums, carry = tail.split("C: ")
-    masked = " ".join("_" for _ in sums.split()) + (" " if sums.strip() else "") + "C: _"
-    out.append(f"{head} , {masked}" if head else f", {masked}")
-  return "\n".join(out) + "\n</layout>\n"
+  if p.digits != other.digits:
+    raise ValueError(f"{p} and {other} have different digit counts")
+  mine, theirs = arithmetic.scratch_lines(p), arithmetic.scratch_lines(other)
+  pieces = [(arithmetic.prompt(p) + arithmetic_task.SCRATCH, False), (mine[0] + "\n", True)]
+  for own, their in zip(mine[1:-1], theirs[1:-1]):
+    head = own[:own.index(", ") + 2]  # "{a rest} + {b rest} , " or ", " on the final line.
+    pieces += [(head, True), (their[len(head):], False), ("\n", True)]
+  pieces += [(theirs[-1], False), (f"\n{arithmetic.SCRATCH_CLOSE}\n", True),
+             (arithmetic.format_number(other.answer), False), ("\n", True)]
+  return pieces
+
+
+def scaffold_example(tok, p: arithmetic.Problem, other: arithmetic.Problem) -> Example:
+  """`scaffold_segments` tokenized piece by piece (exact for the byte tokenizer), BOS + EOS."""
+  tokens, mask = [tok.bos_id], [0]
+  for text, trained in scaffold_segments(p, other):
+    ids = tok.encode(text)
+    tokens += ids
+    mask += [int(trained)] * len(ids)
+  return Example(tokens + [tok.eos_id], mask + [1])
 
 
 BUILDERS: dict[str, Callable[..., Corpus]] = {
