@@ -1,8 +1,9 @@
 """One process of the multi-host test (tests/test_multihost.py); also runs as a single process.
 
 Does (i) STaR-style generation with a tiny random model (greedy text and sampled tokens, K samples
-per prompt, prompts sharded over the mesh) and (ii) a few steps of the real training loop with
-checkpoints. Process 0 alone writes the results (--out/generate.npz right after generation,
+per prompt, prompts sharded over the mesh), (ii) two iterations of the STaR loop (generate, keep,
+rationalize, fine-tune, evaluate, stage files written by process 0) with a stand-in checker a
+random model can pass, and (iii) a few steps of the real training loop with checkpoints. Process 0 alone writes the results (--out/generate.npz right after generation,
 --out/train.npz at the end); the other processes only check that they got the same output.
 
 Multi-process when STARJAX_DISTRIBUTED=1 (set by `starjax.parallel.localhost.launch`, together
@@ -38,12 +39,18 @@ _initialize()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 from ml_collections import config_dict  # noqa: E402
 
 from starjax import models, tokenizers  # noqa: E402
+from starjax.data.arithmetic_task import ArithmeticTask  # noqa: E402
 from starjax.parallel import multihost  # noqa: E402
 from starjax.sampling import DecodeConfig, generate_text, generate_tokens  # noqa: E402
+from starjax.star.config import STaRConfig  # noqa: E402
+from starjax.star.loop import STaR  # noqa: E402
 from starjax.train import loop  # noqa: E402
+from starjax.train.optim import OptimizerConfig  # noqa: E402
 
 PROMPTS = ["Q: 12+7\nA:", "Q: 3+45\nA:", "Input:\n9 9 + 1\n", "Q: what is 8+8?\nA:", "1 2 3"]
 STEPS = 8
@@ -86,6 +93,31 @@ def generate() -> dict[str, np.ndarray]:
   return out
 
 
+class EvenLengthTask(ArithmeticTask):
+  """A checker a random model passes about half the time: the completion's length is even."""
+
+  def is_correct(self, ex, completion: str) -> bool:
+    del ex
+    return len(completion) % 2 == 0
+
+
+def star(workdir: Path) -> None:
+  """Two STaR iterations of a tiny random model on a (data=2, fsdp=4) mesh into workdir."""
+  tok = tokenizers.ByteTokenizer()
+  cfg = models.preset("tiny", vocab_size=tok.vocab_size, **TINY)
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=4))
+  params = multihost.global_from_host(models.init_params(cfg, jax.random.key(1)),
+                                      NamedSharding(mesh, P()))
+  task = EvenLengthTask(digits=(1, 2), n_train_per_digit=6, n_test_per_digit=3, ood_digits=(),
+                        seed=0)
+  config = STaRConfig(iterations=2, greedy=False, samples_per_question=2, temperature=1.0,
+                      max_new_tokens=8, gen_batch_size=8, base_steps=2, batch_size=8, seq_len=64,
+                      eval_batch_size=8, seed=3,
+                      optimizer=OptimizerConfig(lr=1e-2, warmup_steps=1, schedule="constant"))
+  STaR(task=task, model_cfg=cfg, base_params=params, tokenizer=tok, config=config,
+       workdir=workdir, mesh=mesh, progress=False).run()
+
+
 def record_and_stall(steps_run: list[int], stall_at: int | None, workdir: Path) -> None:
   """Records the train steps this run loads; with `stall_at`, process 1 hangs at that step."""
   original = loop.RowSource.__call__
@@ -118,6 +150,7 @@ def main() -> int:
   workdir, out = Path(args.workdir), Path(args.out)
   if not args.skip_generate:
     save(out / "generate.npz", generate())
+    star(workdir.parent / (workdir.name + "_star"))
   steps_run: list[int] = []
   record_and_stall(steps_run, args.stall_at, workdir)
   result = loop.train_and_evaluate(train_config(), workdir)

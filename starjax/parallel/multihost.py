@@ -83,6 +83,17 @@ def to_host(tree: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
+def agree(flag: bool) -> bool:
+  """Process 0's `flag` on every process (a collective if multi-process).
+
+  For decisions that gate collectives, e.g. "this stage's file already exists, skip it": if
+  processes decided differently, some would enter a collective the others never reach.
+  """
+  if not is_multiprocess():
+    return bool(flag)
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(flag))))
+
+
 def sync(name: str) -> None:
   """Barrier across processes (no-op on one): e.g. after process 0 wrote a file others read."""
   if is_multiprocess():

@@ -13,6 +13,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from starjax import configs, parallel
+from starjax.parallel import multihost
 from starjax.star import experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -31,8 +32,9 @@ def main(argv: list[str]) -> None:
     results = experiment.run_experiment(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
   except (configs.ConfigError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from e
-  print(experiment.format_table(results))
-  print(f"\nwrote {_WORKDIR.value}/results.json and {_WORKDIR.value}/accuracy.png")
+  if multihost.is_primary():
+    print(experiment.format_table(results))
+    print(f"\nwrote {_WORKDIR.value}/results.json and {_WORKDIR.value}/accuracy.png")
 
 
 if __name__ == "__main__":

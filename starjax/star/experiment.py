@@ -14,6 +14,7 @@ from typing import Any
 from starjax import configs
 from starjax.data.tasks import Task
 from starjax.parallel import mesh as mesh_lib
+from starjax.parallel import multihost
 from starjax.star.config import STaRConfig
 from starjax.star.loop import STaR
 from starjax.train import optim
@@ -151,13 +152,17 @@ def run_experiment(config: Any, workdir: str | Path, *, progress: bool = True) -
       raise configs.ConfigError(
           f"{workdir} holds a run with a different config ({saved}); resuming would mix stages "
           "from both. Use a new --workdir, or the original config.")
-  atomic_write_json(saved, top)
+  if multihost.is_primary():
+    atomic_write_json(saved, top)
   model_cfg, params, tok = _base_model(config, workdir, config.tokenizer)
   mesh = mesh_lib.make_mesh(mesh_cfg)
   runner = STaR(task=task, model_cfg=model_cfg, base_params=params, tokenizer=tok,
-                config=star_cfg, workdir=workdir, mesh=mesh, progress=progress)
+                config=star_cfg, workdir=workdir, mesh=mesh,
+                progress=progress and multihost.is_primary())
 
   def write(history):
+    if not multihost.is_primary():
+      return
     results = summarize(history, task.name)
     atomic_write_json(workdir / "results.json", results)
     plot_accuracy(results, workdir / "accuracy.png")

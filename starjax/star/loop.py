@@ -11,6 +11,11 @@ Every stage of iteration n writes one file (or directory) under `workdir/iter_n/
 
 A stage whose output exists is never redone, so a killed run restarts where it stopped and loses
 nothing already written. `iter_0/metrics.json` evaluates the base model.
+
+Multi-process runs: every process runs every stage (generation and fine-tuning are collectives),
+process 0 alone writes the stage files, and the others wait for it (`multihost.sync`) and read
+them back. Whether a stage is done is process 0's decision, so the workdir must be a filesystem
+all processes share (e.g. gcsfuse on TPU VMs).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from jax.sharding import Mesh
 
 from starjax.data.tasks import Example, Task, accuracy_by_group
 from starjax.models.config import ModelConfig
+from starjax.parallel import multihost
 from starjax.sampling import generate_text
 from starjax.star.config import STaRConfig, finetune_steps
 from starjax.train import batching, params_io
@@ -39,21 +45,33 @@ log = logging.getLogger(__name__)
 
 
 def params_hash(params: Any) -> str:
-  """sha256 over every parameter's bytes, in tree order."""
+  """sha256 over every parameter's bytes, in tree order (a collective if multi-process)."""
   h = hashlib.sha256()
-  for x in jax.tree.leaves(jax.device_get(params)):
+  for x in jax.tree.leaves(multihost.to_host(params)):
     h.update(np.ascontiguousarray(x).tobytes())
   return h.hexdigest()[:16]
+
+
+def _exists(path: Path) -> bool:
+  """Whether `path` exists, as process 0 sees it (the same answer on every process)."""
+  return multihost.agree(path.exists())
+
+
+def _write(path: Path, value: Any, writer: Callable[[Path, Any], None]) -> None:
+  """Process 0 writes; every process returns once the file is there."""
+  if multihost.is_primary():
+    writer(path, value)
+  multihost.sync(f"wrote {path}")
 
 
 def _stage(path: Path, make: Callable[[], Any], writer: Callable[[Path, Any], None],
            reader: Callable[[Path], Any]) -> Any:
   """Runs `make` and writes its result unless `path` already holds it."""
-  if path.exists():
+  if _exists(path):
     log.info("reusing %s", path)
     return reader(path)
   value = make()
-  writer(path, value)
+  _write(path, value, writer)
   return value
 
 
@@ -189,12 +207,12 @@ class STaR:
     cfg = self.config
     d = self.workdir / f"iter_{n}"
     d.mkdir(parents=True, exist_ok=True)
-    if (d / "metrics.json").exists():
+    if _exists(d / "metrics.json"):
       return read_json(d / "metrics.json")
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     questions = self._train_questions(n)
-    need_prev = not ((d / "samples.jsonl").exists() and (d / "rationalized.jsonl").exists())
+    need_prev = not (_exists(d / "samples.jsonl") and _exists(d / "rationalized.jsonl"))
     prev = self._load_params(n - 1) if need_prev else None
 
     t = time.perf_counter()
@@ -217,7 +235,7 @@ class STaR:
                   atomic_write_jsonl, read_jsonl)
 
     steps = finetune_steps(cfg, n)
-    if not params_io.params_exist(d / "params"):
+    if not multihost.agree(params_io.params_exist(d / "params")):
       train_rows = self._training_set(n, kept)
       t = time.perf_counter()
       start_hash = params_hash(self.base_params) if cfg.hash_params else None
@@ -231,14 +249,14 @@ class STaR:
         log.warning("iteration %d kept no rationale; M_%d = base model", n, n)
         params, hist = self.base_params, []
       too_long = sum(not batching.fits(ex, cfg.seq_len) for ex in self._encode(train_rows))
-      atomic_write_json(d / "finetune.json", {
+      _write(d / "finetune.json", {
           "steps": steps if train_rows else 0, "examples": len(train_rows),
           "dropped_too_long": too_long,
           "start_params_hash": start_hash,
           "first_loss": hist[0]["loss"] if hist else None,
           "last_loss": hist[-1]["loss"] if hist else None,
-          "seconds": time.perf_counter() - t})
-      params_io.save_params(d / "params", params)
+          "seconds": time.perf_counter() - t}, atomic_write_json)
+      params_io.save_params(d / "params", params)  # Orbax: every process takes part.
     else:
       params = self._load_params(n)
     ft = read_json(d / "finetune.json")
@@ -264,7 +282,7 @@ class STaR:
         "eval": evals,
         "wall_s": {**timings, "total_s": time.perf_counter() - t0},
     }
-    atomic_write_json(d / "metrics.json", metrics)
+    _write(d / "metrics.json", metrics, atomic_write_json)
     return metrics
 
   def run(self, on_iteration: Callable[[list[dict]], None] | None = None) -> list[dict[str, Any]]:

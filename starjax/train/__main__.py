@@ -14,6 +14,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from starjax import configs, parallel
+from starjax.parallel import multihost
 from starjax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -33,7 +34,8 @@ def main(argv: list[str]) -> None:
   except (configs.ConfigError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from e
   summary = {k: v for k, v in result.items() if k != "state"}
-  print(json.dumps(summary, indent=1, sort_keys=True))
+  if multihost.is_primary():
+    print(json.dumps(summary, indent=1, sort_keys=True))
 
 
 if __name__ == "__main__":

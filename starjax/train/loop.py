@@ -27,6 +27,7 @@ from starjax import configs, tokenizers
 from starjax.data import corpora
 from starjax.models.config import PRESETS, ModelConfig
 from starjax.parallel import mesh as mesh_lib
+from starjax.parallel import multihost
 from starjax.train import batching, checkpoint, optim
 from starjax.train import metrics as metrics_lib
 from starjax.train import state as state_lib
@@ -242,8 +243,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
   result: dict[str, Any] = {"preempted": False}
   step = start
   t0, steps_done = time.perf_counter(), 0
-  bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not tc.progress,
-             dynamic_ncols=True)
+  bar = tqdm(total=tc.steps, initial=start, desc="train",
+             disable=not tc.progress or not multihost.is_primary(), dynamic_ncols=True)
   try:
     with checkpoint.PreemptionFlag() as flag:
       while step < tc.steps:
