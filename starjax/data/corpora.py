@@ -123,9 +123,9 @@ def arithmetic_seed_corpus(tok, *, rationale_digits: Sequence[int] = (1, 2),
   scratchpads alone never writes a correct wider one (it has seen the layout at two widths only),
   so STaR would have nothing to bootstrap from; a pretrained LM brings such format knowledge.
 
-  `scaffold_digits` adds `scaffold_example`s for those digit counts: scratchpads whose operand
-  lines are trained but whose arithmetic (every sum digit, carry, result and answer) is masked
-  from the loss and taken from a different problem. They teach how a wider scratchpad is laid out
+  `scaffold_digits` adds `scaffold_example`s for those digit counts: scratchpads whose layout and
+  copies are trained but whose arithmetic (each line's new sum digit and carry) is masked from the
+  loss and comes from a different problem. They teach how a wider scratchpad is laid out
   (copy the operands, drop one digit of each per line), the format knowledge a pretrained LM
   brings, and nothing about adding those digits.
   """
@@ -169,9 +169,11 @@ def arithmetic_seed_corpus(tok, *, rationale_digits: Sequence[int] = (1, 2),
 def scaffold_segments(p: arithmetic.Problem, other: arithmetic.Problem) -> list[tuple[str, bool]]:
   """p's prompt and scratchpad with `other`'s arithmetic, as (text, trained) pieces.
 
-  Trained: the operand lines ("4 5 + 7 8 , "), line breaks, tags and the end. Not trained: the
-  prompt and every piece of arithmetic (sum digits, carries, the result line, the answer), which
-  come from `other` (same digit count), so the text holds no correct sum of p's digits.
+  The sum states come from `other` (same digit count), so the text holds no correct sum of p's
+  digits. Trained: everything a copy or the format determines, i.e. the operand lines
+  ("4 5 + 7 8 , "), the sum digits carried over from the line above, "C: ", the result and answer
+  lines (copies of the final state), tags and line breaks. Not trained: the prompt and the two
+  outcomes of an addition on each line, the new sum digit and the carry.
   """
   if p.digits != other.digits:
     raise ValueError(f"{p} and {other} have different digit counts")
@@ -179,9 +181,10 @@ def scaffold_segments(p: arithmetic.Problem, other: arithmetic.Problem) -> list[
   pieces = [(arithmetic.prompt(p) + arithmetic_task.SCRATCH, False), (mine[0] + "\n", True)]
   for own, their in zip(mine[1:-1], theirs[1:-1]):
     head = own[:own.index(", ") + 2]  # "{a rest} + {b rest} , " or ", " on the final line.
-    pieces += [(head, True), (their[len(head):], False), ("\n", True)]
-  pieces += [(theirs[-1], False), (f"\n{arithmetic.SCRATCH_CLOSE}\n", True),
-             (arithmetic.format_number(other.answer), False), ("\n", True)]
+    tail = their[len(head):]  # "{new digit} {digits so far} C: {carry}"
+    pieces += [(head, True), (tail[0], False), (tail[1:-1], True), (tail[-1], False), ("\n", True)]
+  pieces += [(f"{theirs[-1]}\n{arithmetic.SCRATCH_CLOSE}\n"
+              f"{arithmetic.format_number(other.answer)}\n", True)]
   return pieces
 
 
