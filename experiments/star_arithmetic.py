@@ -10,24 +10,41 @@ unknown: generate greedily, keep correct rationales, rationalize wrong ones with
 hint (saved without it), fine-tune from the base model for 40 * 1.2^(n-1) steps, evaluate on
 held-out problems.
 
-Measured (2-core CPU dev machine while other jobs used about half of it: 33 min wall; seed
-training 800 steps took 19 of them):
+Measured (2-core CPU dev machine, idle, 2026-12-02): 10 min wall (seed training 800 steps about
+5.5 min of it).
 
   | iter | 1 digit | 2 | 3 | 4 | 5 | all | train coverage | rat. yield | kept |
-  | 0    | 0.10 | 0.93 | 0.00 | 0.00 | 0.00 | 0.205 | -    | -    | -   |
-  | 1    | 0.17 | 0.75 | 0.00 | 0.00 | 0.00 | 0.185 | 0.22 | 0.02 | 119 |
-  | 2    | 0.12 | 0.68 | 0.00 | 0.00 | 0.00 | 0.160 | 0.23 | 0.08 | 145 |
-  | 3    | 0.12 | 0.82 | 0.00 | 0.00 | 0.00 | 0.190 | 0.22 | 0.08 | 143 |
-  | 4    | 0.05 | 0.70 | 0.00 | 0.00 | 0.00 | 0.150 | 0.21 | 0.04 | 123 |
+  | 0    | 0.03 | 1.00 | 0.00 | 0.00 | 0.00 | 0.205 | -    | -    | -   |
+  | 1    | 0.03 | 0.90 | 0.00 | 0.00 | 0.00 | 0.185 | 0.22 | 0.01 | 113 |
+  | 2    | 0.07 | 0.95 | 0.00 | 0.00 | 0.00 | 0.205 | 0.25 | 0.02 | 134 |
+  | 3    | 0.10 | 0.80 | 0.00 | 0.00 | 0.00 | 0.180 | 0.27 | 0.00 | 134 |
+  | 4    | 0.10 | 0.78 | 0.00 | 0.00 | 0.00 | 0.175 | 0.22 | 0.01 | 114 |
 
-KNOWN GAP: this does not yet show what the demo is for. The seed model learns 1-2 digit
-scratchpads (2 digits: 93%) but does not length-generalize: on 3-digit problems it copies two
-digits of each operand into the scratchpad ("926 + 129" -> "6 9 + 2 9"), so greedy generation and
-rationalization find no correct 3-5 digit rationale to keep, and fine-tuning on the small kept set
-(119-145 examples, lr 1e-3) lowers 2-digit accuracy. Directions for the next attempt: a gentler
-fine-tune (lower lr, union of kept sets), sampling K > 1 rationales at temperature, seed data that
-teaches operand copying at every length without arithmetic content, and a measured wall-time
-budget on an idle machine.
+KNOWN GAP: this does not yet show what the demo is for. The seed model solves held-out 2-digit
+sums (1.00) but does not length-generalize: on 3-digit problems it cannot even copy the operands
+into the scratchpad's first line, so neither greedy generation nor rationalization finds a correct
+3-5 digit rationale to keep, and accuracy on 3-5 digits stays 0. (1-digit sums have only 41
+training problems, which the model memorises rather than learns.) Tried, each measured with the
+same seed model probe (greedy accuracy per digit count, 40 held-out sums each, plus K=8 samples
+at temperature 1 on 3-4 digit train questions, which never contained a correct one):
+- 2000 instead of 6000 distinct 2-digit seed rationales: the model memorises them (2-digit 0.25).
+- A scratchpad with the remaining operand digits on each line (the Nye et al. layout, now the
+  task's format): the next digit pair always sits at the end of each operand, but the model still
+  has to learn the copy at each new width.
+- Seed rationales of 1-2 digit sums zero-padded to 3-5 digits (`rationale_widths`): the model
+  learns "leading digits are 0" and copies 553 + 905 as "0 5 3 + 0 8 3".
+- Layout-only examples ("_" for every sum digit and carry) after a distinct tag: the layout did
+  not transfer to real scratchpads.
+- Scaffold examples (`scaffold_digits`: 3-5 digit scratchpads whose operand lines and copies are
+  trained and whose new digit and carry per line are masked and taken from another problem):
+  the model copies 3-5 digit operands correctly ("5 0 5 5 + 8 9 4 7" / "5 0 5 + 8 9 4") but
+  writes no sum digits on the wider lines, and held-out 2-digit accuracy fell to 0.0-0.08 in three
+  runs (1200 steps, 3 and 4 layers).
+- NoPE (no positional encoding, `model.rope=False`): learns far slower (loss 0.46 vs 0.08 at 450
+  steps).
+Next: a model that length-generalizes copying (e.g. a larger model trained longer, or position
+coupling / index hints in the seed data), or a pretrained base (`config.base.pretrained`), which
+is what the paper's few-shot GPT-J brings.
 """
 
 from ml_collections import config_dict
@@ -44,8 +61,10 @@ def base_config() -> config_dict.ConfigDict:
   c.tokenizer = "byte"
   c.model.update(preset="small", dim=96, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=256,
                  max_seq_len=512)
-  c.data = dict(task="arithmetic_seed", rationale_digits=(1, 2), n_rationale_per_digit=2000,
-                hint_fraction=0.5, answer_digits=DIGITS, n_answer_per_digit=60,
+  # 6000 distinct 2-digit problems (of 8100): with 2000 the model memorised them (held-out 2-digit
+  # accuracy 0.25); 1-digit sums have only 41 train problems, so the model memorises those.
+  c.data = dict(task="arithmetic_seed", rationale_digits=(1, 2), n_rationale_per_digit=6000,
+                hint_fraction=0.25, answer_digits=DIGITS, n_answer_per_digit=60,
                 n_test_per_digit=N_TEST, seed=SEED)
   c.optimizer.update(lr=3e-3, warmup_steps=50, schedule="cosine", weight_decay=0.01)
   c.train.update(steps=800, batch_size=16, seq_len=256, eval_every=400, eval_batches=2,
