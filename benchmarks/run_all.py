@@ -26,7 +26,7 @@ from benchmarks import common  # noqa: E402
 CEILING = "matmul_ceiling"
 NOT_BENCHMARKS = {"__init__", "common", "run_all", CEILING}
 # Share of the remaining time budget, relative to 1 for benchmarks not listed.
-WEIGHTS = {"train_step": 3.0, "quiet_star_step": 2.0}
+WEIGHTS = {"train_step": 3.0, "quiet_star_step": 2.0, "decode": 2.0}
 # Kept back from the budget for start-up, the ceiling and writing results.
 RESERVE_S = 20.0
 
