@@ -67,6 +67,26 @@ def test_top_k_top_p_keep_exactly_the_intended_tokens(top_k, top_p):
   np.testing.assert_array_equal(kept, _np_filter(logits, top_k, top_p))
 
 
+def test_top_p_on_a_full_size_vocabulary_matches_float64():
+  """49,152 logits per row (SmolLM2's vocabulary), many near the cut-off, plus masked entries."""
+  rng = np.random.default_rng(3)
+  logits = (rng.normal(size=(4, 49152)) * 2).astype(np.float32)
+  logits[1, :1000] = core.NEG_INF  # Suppressed tokens take no mass.
+  for top_p in (0.5, 0.95):
+    kept = np.asarray(filter_logits(jnp.asarray(logits), 0, top_p)) > core.NEG_INF
+    want = _np_filter(np.where(logits <= core.NEG_INF, -np.inf, logits), 0, top_p)
+    np.testing.assert_array_equal(kept, want)
+
+
+def test_top_p_keeps_ties_at_the_cut_off_together():
+  logits = jnp.log(jnp.asarray([[0.3, 0.2, 0.2, 0.2, 0.1]], jnp.float32))
+  kept = lambda p: (np.asarray(filter_logits(logits, 0, p)) > core.NEG_INF)[0].tolist()
+  assert kept(0.25) == [True, False, False, False, False]  # The first alone has mass 0.3.
+  assert kept(0.4) == [True, True, True, True, False]  # The cut-off falls inside the 0.2 ties.
+  assert kept(0.95) == [True] * 5
+  assert kept(1e-6) == [True, False, False, False, False]  # The most likely token always stays.
+
+
 def test_sampling_frequencies_follow_the_distribution():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
   keys = jax.random.split(jax.random.key(0), 20000)

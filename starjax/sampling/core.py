@@ -69,6 +69,45 @@ class DecodeConfig:
       raise ValueError("Empty stop sequence.")
 
 
+def _ordered_int(x: jax.Array) -> jax.Array:
+  """float32 -> int32 with the same order (negative floats get their magnitude bits flipped)."""
+  i = jax.lax.bitcast_convert_type(x, jnp.int32)
+  return jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
+
+
+def _ordered_float(k: jax.Array) -> jax.Array:
+  """Inverse of `_ordered_int`."""
+  i = jnp.where(k < 0, k ^ jnp.int32(0x7FFFFFFF), k)
+  return jax.lax.bitcast_convert_type(i, jnp.float32)
+
+
+def top_p_cutoff(logits: jax.Array, top_p: float) -> jax.Array:
+  """The smallest logit kept by nucleus sampling, per row (..., 1).
+
+  Token i is kept iff the probability mass of tokens with a strictly larger logit is < top_p
+  (the most likely token always is; ties are kept together). That mass only changes at a logit
+  value, so the cut-off is found exactly by bisection over the 2^32 float32 values in their
+  order: 32 masked sums over the vocabulary instead of a sort, which on CPU cost as much as a
+  decode step of a 135M model (75 ms vs 7 ms for 8 rows of 49,152 logits).
+  """
+  probs = jax.nn.softmax(logits, axis=-1)
+
+  def kept(t):  # Whether a token with logit t would be kept.
+    return jnp.sum(jnp.where(logits > t, probs, 0.0), axis=-1, keepdims=True) < top_p
+
+  lo = _ordered_int(jnp.min(logits, axis=-1, keepdims=True)) - 1  # Every token above: mass 1.
+  hi = _ordered_int(jnp.max(logits, axis=-1, keepdims=True))  # Nothing above: always kept.
+
+  def step(_, bounds):
+    lo, hi = bounds
+    mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow.
+    ok = kept(_ordered_float(mid))
+    return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+  _, hi = jax.lax.fori_loop(0, 32, step, (lo, hi))
+  return _ordered_float(hi)
+
+
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
   """Sets logits outside the top-k / top-p set to NEG_INF (ties at the cut-off are kept)."""
   logits = logits.astype(jnp.float32)
@@ -76,12 +115,7 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
     kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, NEG_INF, logits)
   if top_p < 1.0:
-    sorted_logits = -jnp.sort(-logits, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < top_p  # The most likely token is always kept.
-    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < cutoff, NEG_INF, logits)
+    logits = jnp.where(logits < top_p_cutoff(logits, top_p), NEG_INF, logits)
   return logits
 
 
