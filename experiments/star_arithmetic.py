@@ -39,7 +39,7 @@ at temperature 1 on 3-4 digit train questions, which never contained a correct o
   trained and whose new digit and carry per line are masked and taken from another problem):
   the model copies 3-5 digit operands correctly ("5 0 5 5 + 8 9 4 7" / "5 0 5 + 8 9 4") but
   writes no sum digits on the wider lines, and held-out 2-digit accuracy fell to 0.0-0.08 in three
-  runs (1200 steps, 3 and 4 layers).
+  runs (3 layers, 800-1200 steps; a 4-layer run was stopped early).
 - NoPE (no positional encoding, `model.rope=False`): learns far slower (loss 0.46 vs 0.08 at 450
   steps).
 Next: a model that length-generalizes copying (e.g. a larger model trained longer, or position
