@@ -279,6 +279,27 @@ def run_module(module: str, args: Sequence[str], *, timeout: float | None
   return proc.returncode, proc.stdout + proc.stderr
 
 
+def run_child(module: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+  """Runs `python -m module --child SPEC --child-out F` and returns F's JSON.
+
+  On a timeout or a failed exit, returns {"error": why} (with the log's tail for a failure), so a
+  benchmark records the configuration instead of stopping.
+  """
+  fd, path = tempfile.mkstemp(prefix=module.rsplit(".", 1)[-1] + "_", suffix=".json")
+  os.close(fd)
+  try:
+    code, log = run_module(module, ["--child", json.dumps(spec), "--child-out", path],
+                           timeout=timeout)
+    if code is None:
+      return {"error": f"time cap: still running after {timeout:.0f} s"}
+    if code != 0:
+      why = "killed (out of memory?)" if code in (-9, 137) else f"exit code {code}"
+      return {"error": why, "log_tail": tail(log)}
+    return read_json(path)
+  finally:
+    os.unlink(path)
+
+
 def tail(text: str, n: int = 20) -> str:
   return "\n".join(text.strip().splitlines()[-n:])
 

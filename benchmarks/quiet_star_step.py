@@ -58,7 +58,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -311,23 +310,6 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
 # Driver.
 
 
-def _run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-  fd, path = tempfile.mkstemp(prefix="quiet_star_step_", suffix=".json")
-  os.close(fd)
-  try:
-    code, log = common.run_module(
-        "benchmarks.quiet_star_step", ["--child", json.dumps(spec), "--child-out", path],
-        timeout=timeout)
-    if code is None:
-      return {"skipped": f"time cap: still running after {timeout:.0f} s"}
-    if code != 0:
-      why = "killed (out of memory?)" if code in (-9, 137) else f"exit code {code}"
-      return {"error": why, "log_tail": common.tail(log)}
-    return common.read_json(path)
-  finally:
-    os.unlink(path)
-
-
 def _ratio(a: float | None, b: float | None) -> float | None:
   return a / b if a and b else None
 
@@ -525,7 +507,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "quick": args.quick, "steps": steps, "warmup": args.warmup,
               "max_s": 0.3 * timeout, "mem_cap_mb": args.mem_cap_mb}
       print(f"[quiet_star_step] L {seq_len} N {n_ahead} {variant} ...", flush=True)
-      runs[variant] = _run_child(spec, timeout)
+      runs[variant] = common.run_child("benchmarks.quiet_star_step", spec, timeout)
     _fill_row(row, runs, model_cfg, ceiling, machine["device_kind"])
     result["rows"].append(row)
     result["rows"].sort(key=lambda r: (r["seq_len"], r["n_ahead"]))

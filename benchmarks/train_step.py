@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -404,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       timeout = min(timeout, args.budget_s - elapsed)
       spec["max_s"] = min(spec["max_s"], 0.8 * timeout)
     print(f"[train_step] {model} seq {seq_len} batch {batch} {dtype} ...", flush=True)
-    row = _run_child(spec, timeout)
+    row = common.run_child("benchmarks.train_step", spec, timeout)
     row = {**head, **row}
     if "error" not in row:
       _add_mfu(row, ceiling, machine["device_kind"])
@@ -421,22 +420,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   print(summary_table(result["rows"]))
   print(f"wrote {out}")
   return result
-
-
-def _run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-  fd, path = tempfile.mkstemp(prefix="train_step_", suffix=".json")
-  os.close(fd)
-  try:
-    code, log = common.run_module(
-        "benchmarks.train_step", ["--child", json.dumps(spec), "--child-out", path],
-        timeout=timeout)
-    if code is None:
-      return {"error": f"timeout after {timeout:.0f} s"}
-    if code != 0:
-      return {"error": f"exit code {code}", "log_tail": common.tail(log)}
-    return common.read_json(path)
-  finally:
-    os.unlink(path)
 
 
 if __name__ == "__main__":
