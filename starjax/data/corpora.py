@@ -99,7 +99,6 @@ def gsm8k_text_corpus(tok, *, data_dir: str | None = None, n_train: int | None =
   return Corpus(train=docs("train", n_train), eval=docs("test", n_eval))
 
 
-
 def arithmetic_seed_corpus(tok, *, rationale_digits: Sequence[int] = (1, 2),
                            n_rationale_per_digit: int = 300, hint_fraction: float = 0.3,
                            answer_digits: Sequence[int] = (1, 2, 3, 4, 5),

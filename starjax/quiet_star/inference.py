@@ -140,7 +140,7 @@ def _generate_local(params: Params, prompts: Array, positions: Array, text_keys:
     out["weights"] = carry["weights"].at[:, n].set(jnp.where(done, 0.0, w))
     if with_logits:
       out["logits"] = carry["logits"].at[:, n].set(logits)
-    ended = core._stopped(out["tokens"], n, dc)  # pylint: disable=protected-access
+    ended = core.stopped(out["tokens"], n, dc)
     if dc.eos_id is not None:
       ended |= tok == dc.eos_id
     out["lengths"] = carry["lengths"] + (~done).astype(jnp.int32)

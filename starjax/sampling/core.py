@@ -132,7 +132,7 @@ def choose_tokens(logits: jax.Array, keys: jax.Array, dc: DecodeConfig) -> jax.A
   return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
-def _stopped(tokens: jax.Array, step: jax.Array, dc: DecodeConfig) -> jax.Array:
+def stopped(tokens: jax.Array, step: jax.Array, dc: DecodeConfig) -> jax.Array:
   """Whether each row's output buffer (R, N) ends with a stop sequence at `step`."""
   hit = jnp.zeros(tokens.shape[0], bool)
   for seq in dc.stop_sequences:
@@ -162,7 +162,7 @@ def _decode_samples(cfg: ModelConfig, dc: DecodeConfig, params: Any, cache: llam
     tok_logp = jnp.take_along_axis(logp, tok[:, None], axis=1)[:, 0]
     tokens = carry["tokens"].at[:, step].set(tok)
     logps = carry["logprobs"].at[:, step].set(jnp.where(carry["done"], 0.0, tok_logp))
-    ended = _stopped(tokens, step, dc)
+    ended = stopped(tokens, step, dc)
     if dc.eos_id is not None:
       ended |= tok == dc.eos_id
     live = ~carry["done"]
