@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from starjax.models import attention as attn_lib
+from starjax.models import matmul as matmul_lib
 from starjax.models.config import ModelConfig
 from starjax.parallel import sharding
 
@@ -76,12 +77,12 @@ class Attention(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    dt = cfg.compute_dtype
+    dt = activation_dtype(cfg)
 
     def proj(heads: int, name: str, axis: str) -> nn.DenseGeneral:
       return nn.DenseGeneral(
           features=(heads, cfg.head_dim), axis=-1, use_bias=cfg.qkv_bias, dtype=dt,
-          kernel_init=_init(cfg, ("embed", axis, "head_dim")),
+          dot_general=_dot_general(cfg), kernel_init=_init(cfg, ("embed", axis, "head_dim")),
           bias_init=_zeros((axis, "head_dim")), name=name)
 
     self.q_proj = proj(cfg.n_heads, "q_proj", "q_heads")
@@ -89,6 +90,7 @@ class Attention(nn.Module):
     self.v_proj = proj(cfg.n_kv_heads, "v_proj", "kv_heads")
     self.o_proj = nn.DenseGeneral(
         features=cfg.dim, axis=(-2, -1), use_bias=False, dtype=dt,
+        dot_general=_dot_general(cfg),
         kernel_init=_init(cfg, ("q_heads", "head_dim", "embed")), name="o_proj")
 
   def qkv(self, x: Array, positions: Array) -> tuple[Array, Array, Array]:
@@ -116,7 +118,7 @@ class Attention(nn.Module):
       ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
       cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
       k, v, kv = ck.astype(q.dtype), cv.astype(q.dtype), (ck, cv)
-    o = attn_lib.dot_product_attention(q, k, v, mask)
+    o = attn_lib.dot_product_attention(q, k, v, mask, operand_dtype=_matmul_dtype(self.cfg))
     return self.out(o), kv
 
 
@@ -128,10 +130,11 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.cfg
-    dt = cfg.compute_dtype
+    dt = activation_dtype(cfg)
 
     def dense(features: int, names: tuple[str, str], name: str) -> nn.Dense:
-      return nn.Dense(features, use_bias=False, dtype=dt, kernel_init=_init(cfg, names), name=name)
+      return nn.Dense(features, use_bias=False, dtype=dt, dot_general=_dot_general(cfg),
+                      kernel_init=_init(cfg, names), name=name)
 
     gate = dense(cfg.ffn_dim, ("embed", "mlp"), "gate_proj")(x)
     up = dense(cfg.ffn_dim, ("embed", "mlp"), "up_proj")(x)
@@ -147,9 +150,9 @@ class DecoderLayer(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    self.input_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype)
+    self.input_norm = RMSNorm(cfg.norm_eps, activation_dtype(cfg))
     self.attn = Attention(cfg)
-    self.post_attn_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype)
+    self.post_attn_norm = RMSNorm(cfg.norm_eps, activation_dtype(cfg))
     self.mlp = MLP(cfg)
 
   def __call__(self, x: Array, kv: tuple[Array, Array] | None, positions: Array, mask: Array,
@@ -166,6 +169,26 @@ def apply_names(x: Array, names: tuple[str | None, ...]) -> Array:
   return sharding.constrain(x, names)
 
 
+def activation_dtype(cfg: ModelConfig) -> Any:
+  """The dtype of activations and elementwise math: the compute dtype, except f32 on CPU with bf16
+  compute, where only the matmul operands are bf16 (XLA CPU would convert every bf16 elementwise
+  op to f32 and back, and the converted residuals cost more than the bf16 matmuls save)."""
+  return jnp.float32 if matmul_lib.use_fast_bf16(cfg.compute_dtype) else cfg.compute_dtype
+
+
+def _matmul_dtype(cfg: ModelConfig) -> Any:
+  """bf16 when the CPU fast path is on (activations are f32 then), else None (the inputs')."""
+  return jnp.bfloat16 if matmul_lib.use_fast_bf16(cfg.compute_dtype) else None
+
+
+def _dot_general(cfg: ModelConfig) -> Any:
+  """The dense layers' dot: `starjax.models.matmul` on CPU (bf16 or f32 operands), else XLA's."""
+  if jax.default_backend() != "cpu" or jnp.dtype(cfg.compute_dtype) not in (jnp.bfloat16,
+                                                                            jnp.float32):
+    return None
+  return functools.partial(matmul_lib.dot_general, operand_dtype=cfg.compute_dtype)
+
+
 _REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
@@ -180,7 +203,7 @@ class Transformer(nn.Module):
   def setup(self):
     cfg = self.cfg
     self.embed = nn.Embed(
-        cfg.vocab_size, cfg.dim, dtype=cfg.compute_dtype,
+        cfg.vocab_size, cfg.dim, dtype=activation_dtype(cfg),
         embedding_init=_init(cfg, ("vocab", "embed")), name="embed")
     layer_cls = DecoderLayer
     if cfg.remat != "none":
@@ -193,9 +216,10 @@ class Transformer(nn.Module):
         length=cfg.n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, name="layers")
-    self.final_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype)
+    self.final_norm = RMSNorm(cfg.norm_eps, activation_dtype(cfg))
     if not cfg.tie_embeddings:
-      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=activation_dtype(cfg),
+                              dot_general=_dot_general(cfg),
                               kernel_init=_init(cfg, ("embed", "vocab")), name="lm_head")
 
   def embed_tokens(self, tokens: Array) -> Array:
@@ -204,7 +228,12 @@ class Transformer(nn.Module):
 
   def logits_from_hidden(self, hidden: Array) -> Array:
     """Final-norm hidden states -> logits (the LM head; tied or separate)."""
-    if self.cfg.tie_embeddings:
+    if self.cfg.tie_embeddings and matmul_lib.use_fast_bf16(self.cfg.compute_dtype):
+      # h @ E^T through the fast bf16 path (flax's attend would be a transposed, upcast dot).
+      emb = matmul_lib.transpose_2d(self.embed.embedding.astype(jnp.bfloat16))
+      h = hidden.reshape(-1, hidden.shape[-1])
+      logits = matmul_lib.matmul(h, emb).reshape(*hidden.shape[:-1], -1)
+    elif self.cfg.tie_embeddings:
       logits = self.embed.attend(hidden)
     else:
       logits = self.lm_head(hidden)
@@ -231,7 +260,7 @@ class Transformer(nn.Module):
     """
     cfg = self.cfg
     x = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds.astype(
-        cfg.compute_dtype)
+        activation_dtype(cfg))
     x = apply_names(x, ("activation_batch", "activation_length", "activation_embed"))
     positions = positions.astype(jnp.int32)
     new_cache = None

@@ -1,0 +1,112 @@
+"""bf16 matmuls that stay on XLA CPU's fast path, forward and backward.
+
+On CPU, XLA hands a bf16 x bf16 dot to YNNPACK (AMX / AVX512-BF16 kernels, f32 accumulation) only
+when both operands are row-major with the contraction on the lhs's last and the rhs's first
+dimension, and the output is f32. Any other dot, including the transposed ones that autodiff
+produces for the backward pass (g @ W^T and X^T @ g) and a tied LM head (h @ E^T), is silently
+upcast to f32 and runs 4-6x slower. Measured on a 2-core Intel Xeon (AMX), 4096 x 576 x 1536:
+canonical bf16 1,242 GFLOP/s, transposed bf16 222-236, f32 255-289.
+
+`matmul` keeps every dot canonical: the forward accumulates in f32, and its custom backward
+materialises the transposed operand first. A transpose alone does not do it: XLA folds it back
+into the dot, or gives it a column-major layout that YNNPACK rejects. Flattening it to 1-D behind
+an optimization barrier forces a row-major copy (cheap next to the dot).
+
+`dot_general` wraps `matmul` in `lax.dot_general`'s signature for flax's `Dense`/`DenseGeneral`,
+and `use_fast_bf16(dtype)` says whether to use it: bf16 compute on the CPU backend only, where
+the model then keeps activations in f32 and uses bf16 for the matmul operands alone (see
+`starjax.models.llama`). On GPU and TPU the compilers already pick good layouts, and the flatten
+would get in the way of sharding.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def use_fast_bf16(dtype: Any) -> bool:
+  """Whether matmuls in `dtype` should go through `matmul` (bf16 compute on CPU)."""
+  return jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu"
+
+
+def transpose_2d(x: Array) -> Array:
+  """x.T as a row-major array that XLA cannot fold back into a dot (see module docstring)."""
+  rows, cols = x.shape
+  return jax.lax.optimization_barrier(x.T.reshape(-1)).reshape(cols, rows)
+
+
+def bf16_dot_ok(m: int, k: int, n: int) -> bool:
+  """Whether XLA CPU takes an (m, k) x (k, n) bf16 dot to YNNPACK. It leaves vector products and
+  tiny ones to its own dot, which cannot multiply bf16 into f32 (UNIMPLEMENTED), so those are
+  computed in f32 instead."""
+  return m > 1 and n > 1 and max(m, k, n) >= 8
+
+
+def _dot(a: Array, b: Array) -> Array:
+  """a (..., M, K) @ b (..., K, N), accumulated in f32 (bf16 operands only where supported)."""
+  if a.dtype == jnp.bfloat16 and not bf16_dot_ok(a.shape[-2], a.shape[-1], b.shape[-1]):
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul(a: Array, b: Array, operand_dtype: Any = jnp.bfloat16) -> Array:
+  """a (M, K) @ b (K, N) on `operand_dtype` operands with f32 accumulation, in a's dtype.
+
+  The operands are cast here, so callers can keep f32 activations and parameters (XLA CPU
+  computes bf16 elementwise ops by converting to f32 and back, so bf16 outside the matmuls only
+  adds converts). Only the casts are kept for the backward pass, which computes g @ b^T and
+  a^T @ g as canonical dots on materialised transposes; the cotangents come back in a's and b's
+  dtypes. With f32 operands this still pays: XLA CPU otherwise fuses the transpose of an
+  activation into the elementwise op that produces it, which ran 20-50x slower than the copy.
+  """
+  return _dot(a.astype(operand_dtype), b.astype(operand_dtype)).astype(a.dtype)
+
+
+def _matmul_fwd(a: Array, b: Array, operand_dtype: Any) -> tuple[Array, tuple[Array, ...]]:
+  a_c, b_c = a.astype(operand_dtype), b.astype(operand_dtype)
+  # Empty arrays carry the operands' dtypes to the backward pass (residuals must be arrays).
+  dtypes = (jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
+  return _dot(a_c, b_c).astype(a.dtype), (a_c, b_c, *dtypes)
+
+
+def _matmul_bwd(operand_dtype: Any, res: tuple[Array, ...], g: Array) -> tuple[Array, Array]:
+  a_c, b_c, a_dtype, b_dtype = res
+  g = g.astype(operand_dtype)
+  da = _dot(g, transpose_2d(b_c)).astype(a_dtype.dtype)
+  db = _dot(transpose_2d(a_c), g).astype(b_dtype.dtype)
+  return da, db
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def dot_general(lhs: Array, rhs: Array, dimension_numbers: Any, precision: Any = None,
+                preferred_element_type: Any = None, *,
+                operand_dtype: Any = jnp.bfloat16) -> Array:
+  """`lax.dot_general` that computes a dense layer's contraction with `matmul`.
+
+  Handles the shape flax's Dense and DenseGeneral produce: the lhs's trailing dimensions
+  contracted with the rhs's leading ones, no batch dimensions. Anything else goes to
+  `lax.dot_general` unchanged. The result has the lhs's dtype (`preferred_element_type` aside).
+  """
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  n = len(lhs_contract)
+  dense_shaped = (not lhs_batch and not rhs_batch and n == len(rhs_contract)
+                  and tuple(lhs_contract) == tuple(range(lhs.ndim - n, lhs.ndim))
+                  and tuple(rhs_contract) == tuple(range(n)))
+  if not dense_shaped:
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+  batch_shape, out_shape = lhs.shape[:lhs.ndim - n], rhs.shape[n:]
+  k = math.prod(lhs.shape[lhs.ndim - n:])
+  out = matmul(lhs.reshape(math.prod(batch_shape), k), rhs.reshape(k, math.prod(out_shape)),
+               operand_dtype)
+  return out.reshape(*batch_shape, *out_shape).astype(preferred_element_type or lhs.dtype)
