@@ -1,6 +1,7 @@
 """Decoder: shapes for every preset, KV-cache decoding, masks, positions, dtypes."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +63,8 @@ def test_bf16_compute_keeps_f32_params():
   params = models.init_params(cfg, jax.random.key(0))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
   out = forward(cfg, params, jnp.zeros((1, 4), jnp.int32))
-  assert out.logits.dtype == jnp.bfloat16
+  # bf16 everywhere, except on CPU: bf16 matmul operands, f32 activations (`activation_dtype`).
+  assert out.logits.dtype == (jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
   ref = forward(cfg.replace(dtype="float32"), params, jnp.zeros((1, 4), jnp.int32))
   np.testing.assert_allclose(np.asarray(out.logits, np.float32), np.asarray(ref.logits),
                              atol=0.05)
@@ -219,6 +221,8 @@ def test_config_validation():
 
 @pytest.mark.parametrize("form", ["bool", "bias3", "bias4"])
 def test_fast_attention_equals_reference(form):
+  """dot_product_attention (on CPU: the recompute-in-backward path) against the plain einsum
+  reference, values and the gradients of q, k, v and a float bias, fully masked row included."""
   rng = np.random.default_rng(1)
   q = jnp.asarray(rng.normal(size=(2, 5, 4, 8)), jnp.float32)
   k, v = (jnp.asarray(rng.normal(size=(2, 7, 2, 8)), jnp.float32) for _ in range(2))
@@ -231,6 +235,29 @@ def test_fast_attention_equals_reference(form):
   ref = attn_lib.reference_attention(q, k, v, mask)
   assert np.isfinite(np.asarray(fast)).all()
   np.testing.assert_allclose(np.asarray(fast), np.asarray(ref), atol=1e-5)
-  g = jax.grad(lambda q: attn_lib.dot_product_attention(q, k, v, mask).sum())(q)
-  g_ref = jax.grad(lambda q: attn_lib.reference_attention(q, k, v, mask).sum())(q)
-  np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-4)
+  w = jnp.asarray(rng.normal(size=fast.shape), jnp.float32)  # A loss that weighs every output.
+  argnums = (0, 1, 2, 3) if form != "bool" else (0, 1, 2)
+  grads = jax.grad(lambda *a: (attn_lib.dot_product_attention(*a) * w).sum(), argnums)(
+      q, k, v, mask)
+  grads_ref = jax.grad(lambda *a: (attn_lib.reference_attention(*a) * w).sum(), argnums)(
+      q, k, v, mask)
+  for name, g, g_ref in zip("qkvb", grads, grads_ref):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-4, err_msg=name)
+
+
+def test_recompute_attention_bf16_operands_close_to_f32():
+  rng = np.random.default_rng(2)
+  q = jnp.asarray(rng.normal(size=(1, 6, 4, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(1, 6, 2, 8)), jnp.float32) for _ in range(2))
+  mask = attn_lib.make_attention_mask(jnp.arange(6)[None], jnp.arange(6)[None])
+
+  def loss(dtype, *a):
+    return (attn_lib.recompute_attention(*a, mask, operand_dtype=dtype) ** 2).sum()
+
+  ref = jax.value_and_grad(functools.partial(loss, None), (0, 1, 2))(q, k, v)
+  out = jax.value_and_grad(functools.partial(loss, jnp.bfloat16), (0, 1, 2))(q, k, v)
+  assert out[0].dtype == jnp.float32
+  np.testing.assert_allclose(float(out[0]), float(ref[0]), rtol=2e-2)
+  for g, g_ref in zip(out[1], ref[1]):
+    assert g.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=0.1, rtol=0.05)
