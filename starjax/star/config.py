@@ -28,6 +28,8 @@ class STaRConfig:
     base_steps, step_growth, max_steps: fine-tune steps int(base_steps * step_growth**(n-1)),
       capped at max_steps (paper: 40 * 1.2^(n-1)).
     batch_size, seq_len, pack: fine-tuning batches.
+    position_jitter: fine-tune on randomised positions (`starjax.train.batching.jitter_positions`),
+      e.g. to keep what a base model trained that way learned; 0 = contiguous.
     optimizer: fine-tuning optimizer (restarted from the base model every iteration).
     eval_splits: held-out splits evaluated after each iteration (never the train split).
     n_eval: examples per eval split (None = all).
@@ -54,6 +56,7 @@ class STaRConfig:
   batch_size: int = 8
   seq_len: int = 512
   pack: bool = True
+  position_jitter: int = 0
   optimizer: OptimizerConfig = dataclasses.field(
       default_factory=lambda: OptimizerConfig(lr=1e-5, warmup_steps=10, schedule="constant"))
   eval_splits: tuple[str, ...] = ("test",)

@@ -244,7 +244,7 @@ class STaR:
             self.model_cfg, self.base_params, self._encode(train_rows), steps=steps,
             batch_size=cfg.batch_size, seq_len=cfg.seq_len, opt=cfg.optimizer, mesh=self.mesh,
             pad_id=self.tokenizer.pad_id, seed=cfg.seed + n, pack=cfg.pack,
-            progress=self.progress, desc=f"finetune {n}")
+            position_jitter=cfg.position_jitter, progress=self.progress, desc=f"finetune {n}")
       else:
         log.warning("iteration %d kept no rationale; M_%d = base model", n, n)
         params, hist = self.base_params, []

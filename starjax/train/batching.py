@@ -106,6 +106,25 @@ def pack_rows(examples: Sequence[Example], seq_len: int, pad_id: int) -> dict[st
   return rows
 
 
+def jitter_positions(positions: np.ndarray, rng: np.random.Generator,
+                     max_extra: int) -> np.ndarray:
+  """Randomised positions (Ruoss et al. 2023): each token advances by 1 + U{0..max_extra}.
+
+  Every example still starts at 0 (a 0 in `positions` marks an example's start, as `make_rows`
+  writes them) and padding stays -1. Trained this way, a model cannot locate a token by a fixed
+  offset (e.g. "the digit 14 tokens back"), which is what stops it from copying numbers wider than
+  those it was trained on; contiguous positions at inference are one of the layouts it has seen.
+  """
+  if max_extra <= 0:
+    return positions
+  steps = 1 + rng.integers(0, max_extra + 1, size=positions.shape)
+  cum = np.cumsum(steps, axis=-1)
+  cols = np.broadcast_to(np.arange(positions.shape[-1]), positions.shape)
+  start = np.maximum.accumulate(np.where(positions == 0, cols, 0), axis=-1)
+  out = cum - np.take_along_axis(cum, start, axis=-1)
+  return np.where(positions < 0, positions, out).astype(positions.dtype)
+
+
 def make_rows(examples: Sequence[Example], seq_len: int, pad_id: int, *,
               pack: bool) -> dict[str, np.ndarray]:
   return pack_rows(examples, seq_len, pad_id) if pack else pad_rows(examples, seq_len, pad_id)

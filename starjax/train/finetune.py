@@ -33,8 +33,8 @@ def _compiled(cfg: ModelConfig, opt: optim.OptimizerConfig, total_steps: int, me
 
 def finetune(cfg: ModelConfig, params: Any, examples: Sequence[batching.Example], *, steps: int,
              batch_size: int, seq_len: int, opt: optim.OptimizerConfig, mesh: Mesh,
-             pad_id: int, seed: int = 0, pack: bool = True, progress: bool = False,
-             desc: str = "finetune") -> tuple[Any, list[dict[str, float]]]:
+             pad_id: int, seed: int = 0, pack: bool = True, position_jitter: int = 0,
+             progress: bool = False, desc: str = "finetune") -> tuple[Any, list[dict[str, float]]]:
   """Returns (new params, per-step metrics).
 
   `params` is left intact: the train state is built by a jitted init whose outputs are fresh
@@ -52,7 +52,7 @@ def finetune(cfg: ModelConfig, params: Any, examples: Sequence[batching.Example]
   if not kept:
     raise ValueError(f"None of the {len(examples)} examples fits seq_len={seq_len}.")
   rows = batching.make_rows(kept, seq_len, pad_id, pack=pack)
-  source = RowSource(rows, batch_size, seed, mesh)
+  source = RowSource(rows, batch_size, seed, mesh, position_jitter)
   # A constant schedule does not depend on the step count: one compiled step serves every
   # STaR iteration even though their lengths differ.
   tx, train_fn = _compiled(cfg, opt, steps if opt.schedule != "constant" else 1, mesh, batch_size)

@@ -54,6 +54,8 @@ class TrainConfig:
     seed: parameter initialisation seed.
     data_seed: shuffling seed.
     progress: show a tqdm bar.
+    position_jitter: train on randomised positions, each token advancing by 1 + U{0..jitter}
+      (`batching.jitter_positions`); 0 keeps them contiguous.
   """
 
   steps: int
@@ -69,8 +71,11 @@ class TrainConfig:
   seed: int = 0
   data_seed: int = 0
   progress: bool = True
+  position_jitter: int = 0
 
   def __post_init__(self):
+    if self.position_jitter < 0:
+      raise ValueError(f"train.position_jitter must be >= 0, got {self.position_jitter}.")
     for name in ("steps", "batch_size", "seq_len", "log_every", "ckpt_every", "keep_ckpts"):
       if getattr(self, name) < 1:
         raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
@@ -152,24 +157,30 @@ class RowSource:
   """
 
   def __init__(self, rows: dict[str, np.ndarray], batch_size: int, seed: int,
-               mesh: Mesh | None = None):
+               mesh: Mesh | None = None, position_jitter: int = 0):
     n = len(rows["inputs"])
     if n == 0:
       raise ValueError("The dataset produced no rows.")
     self.rows = rows
     self.batch_size = batch_size
     self.mesh = mesh
+    self.seed = seed
+    self.position_jitter = position_jitter
     self._index = grain.MapDataset.range(n).shuffle(seed=seed).repeat().batch(
         batch_size, drop_remainder=True)
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
-    idx = np.asarray(self._index[step])
+    batch = {k: v[np.asarray(self._index[step])] for k, v in self.rows.items()}
+    if self.position_jitter:  # Drawn for the global batch: the same on any number of processes.
+      rng = np.random.default_rng([self.seed, step])
+      batch["positions"] = batching.jitter_positions(batch["positions"], rng,
+                                                     self.position_jitter)
     if self.mesh is not None:
-      idx = idx[step_lib.process_rows(self.mesh, self.batch_size)]
+      local = step_lib.process_rows(self.mesh, self.batch_size)
     else:
-      local = self.batch_size // jax.process_count()
-      idx = idx[jax.process_index() * local:(jax.process_index() + 1) * local]
-    return {k: v[idx] for k, v in self.rows.items()}
+      n = self.batch_size // jax.process_count()
+      local = slice(jax.process_index() * n, (jax.process_index() + 1) * n)
+    return {k: v[local] for k, v in batch.items()}
 
 
 def _check_workdir(workdir: Path) -> None:
@@ -214,7 +225,7 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
   train_rows = batching.make_rows(corpus.train, tc.seq_len, tok.pad_id, pack=tc.pack)
   eval_rows = batching.make_rows(corpus.eval, tc.seq_len, tok.pad_id, pack=tc.pack)
   mesh = mesh_lib.make_mesh(run.mesh)
-  train_src = RowSource(train_rows, tc.batch_size, tc.data_seed, mesh)
+  train_src = RowSource(train_rows, tc.batch_size, tc.data_seed, mesh, tc.position_jitter)
   eval_src = RowSource(eval_rows, tc.batch_size, tc.data_seed + 1, mesh) if len(
       eval_rows["inputs"]) >= tc.batch_size else None
   log.info("data: %d train rows, %d eval rows", len(train_rows["inputs"]),
