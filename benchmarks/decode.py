@@ -1,15 +1,16 @@
 """Decode throughput: starjax's sampler vs HF transformers `generate`, same config and weights.
 
 New tokens per second at batch 1, 8 and 32 for 128 new tokens after a 16-token prompt, greedy and
-sampled, on the SmolLM2-135M shape (random weights), measured in one run with:
+sampled, f32 and bf16 compute (`--dtypes`; HF runs f32), on the SmolLM2-135M shape (random
+weights), measured in one run with:
   * the fraction of the machine's compute limit reached: 2 x params x batch FLOPs per decode step
-    against the f32 matmul ceiling (benchmarks/matmul_ceiling.py, same run);
+    against the row dtype's matmul ceiling (benchmarks/matmul_ceiling.py, same run);
   * at batch 1, the fraction of memory bandwidth used: the f32 weights read once per step against
     the copy bandwidth measured here.
 
   python -m benchmarks.decode --out benchmarks/results/decode.json [--quick]
 
-Rows: batch, mode, starjax_tokens_per_s, hf_tokens_per_s, ratio, compute_fraction,
+Rows: batch, mode, dtype, starjax_tokens_per_s, hf_tokens_per_s, ratio, compute_fraction,
 bandwidth_fraction (batch 1 only).
 """
 
@@ -87,6 +88,8 @@ def _hf_rate(cfg, params, batch: int, mode: str, new_tokens: int, repeats: int) 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   p = common.base_parser(__doc__.splitlines()[0])
   p.add_argument("--batches", default=None, help="Comma list (default 1,8,32).")
+  p.add_argument("--dtypes", default="float32,bfloat16",
+                 help="Compute dtypes of starjax's rows (HF runs f32, once per batch and mode).")
   p.add_argument("--no-hf", action="store_true", help="Skip the transformers peer.")
   args = p.parse_args(argv)
   from starjax import models  # pylint: disable=g-import-not-at-top
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batches, new_tokens, repeats = [1, 8, 32], 128, 3
   if args.batches:
     batches = [int(b) for b in args.batches.split(",")]
+  dtypes = [d for d in args.dtypes.split(",") if d]
   params = models.init_params(cfg, jax.random.key(0))
   n_params = cfg.num_params()
   bandwidth = memory_bandwidth_gbs(64 if args.quick else 512)
@@ -114,28 +118,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       if args.budget_s and time.time() - started + 2 * last_row_s > args.budget_s:
         break
       row_started = time.time()
-      sj = _starjax_rate(cfg, params, batch, mode, new_tokens, repeats)
       hf_rate = None if args.no_hf else _hf_rate(cfg, params, batch, mode, new_tokens,
                                                  max(1, repeats - 1))
-      step_s = batch / sj  # seconds per decode step (one token for each row)
-      row = {
-          "batch": batch, "mode": mode, "new_tokens": new_tokens, "prompt_len": PROMPT_LEN,
-          "starjax_tokens_per_s": sj, "hf_tokens_per_s": hf_rate,
-          "ratio": sj / hf_rate if hf_rate else None,
-          "compute_fraction": 2 * n_params * batch / step_s / 1e9
-                              / ceiling["gflops"]["float32"],
-          "bandwidth_fraction": (4 * n_params / step_s / 1e9 / bandwidth) if batch == 1 else None,
-      }
-      rows.append(row)
+      for dtype in dtypes:
+        sj = _starjax_rate(cfg.replace(dtype=dtype), params, batch, mode, new_tokens, repeats)
+        step_s = batch / sj  # seconds per decode step (one token for each row)
+        row = {
+            "batch": batch, "mode": mode, "dtype": dtype, "new_tokens": new_tokens,
+            "prompt_len": PROMPT_LEN, "starjax_tokens_per_s": sj, "hf_tokens_per_s": hf_rate,
+            "ratio": sj / hf_rate if hf_rate else None,
+            "compute_fraction": (2 * n_params * batch / step_s / 1e9 / ceiling["gflops"][dtype]
+                                 if ceiling["gflops"].get(dtype) else None),
+            "bandwidth_fraction": (4 * n_params / step_s / 1e9 / bandwidth) if batch == 1
+                                  else None,
+        }
+        rows.append(row)
+        print(f"batch {batch:3d} {mode:8s} {dtype:8s} starjax {sj:8.1f} tok/s  hf "
+              f"{common.fmt(hf_rate)} tok/s  ratio {common.fmt(row['ratio'])}", flush=True)
       last_row_s = time.time() - row_started
-      print(f"batch {batch:3d} {mode:8s} starjax {sj:8.1f} tok/s  hf "
-            f"{common.fmt(hf_rate)} tok/s  ratio {common.fmt(row['ratio'])}", flush=True)
   result = {
       "benchmark": "decode", "machine": machine, "quick": args.quick, "model": "tiny" if args.quick
       else "smollm2_135m (random weights)", "params": n_params, "ceiling": ceiling,
       "memory_bandwidth_gbs": bandwidth,
-      "formula": "compute_fraction = 2*params*batch / step_time / f32 ceiling; bandwidth_fraction "
-                 "= 4*params bytes / step_time / copy bandwidth (batch 1)",
+      "formula": "compute_fraction = 2*params*batch / step_time / the row dtype's matmul "
+                 "ceiling; bandwidth_fraction = 4*params bytes / step_time / copy bandwidth "
+                 "(batch 1: the f32 parameters are read once per token; with bf16 compute a "
+                 "one-row product stays f32, see starjax.models.matmul.bf16_dot_ok). HF runs f32.",
       "rows": rows,
   }
   if args.out:

@@ -78,6 +78,10 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
       continue
     for r in res.get("rows", []):
       row = {"benchmark": name, **{k: r.get(k) for k in keys}}
+      for key, alias in (("tokens_per_s", "starjax_tokens_per_s"), ("model", "mode"),
+                         ("torch_tokens_per_s", "hf_tokens_per_s"), ("speedup_vs_torch", "ratio")):
+        if row[key] is None:  # decode's rows name these differently (the peer is HF generate).
+          row[key] = r.get(alias)
       note = r.get("error") or r.get("skipped")
       if note:
         row["note"] = note

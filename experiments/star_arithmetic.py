@@ -68,7 +68,7 @@ def base_config() -> config_dict.ConfigDict:
                 n_test_per_digit=N_TEST, seed=SEED)
   c.optimizer.update(lr=3e-3, warmup_steps=50, schedule="cosine", weight_decay=0.01)
   c.train.update(steps=800, batch_size=16, seq_len=256, eval_every=400, eval_batches=2,
-                 log_every=25, ckpt_every=100, keep_ckpts=1, progress=True, position_jitter=0)
+                 log_every=25, ckpt_every=100, keep_ckpts=1, progress=True, position_jitter=0.0)
   return c
 
 
@@ -83,7 +83,7 @@ def get_config() -> config_dict.ConfigDict:
   c.star = dict(iterations=4, samples_per_question=1, greedy=True, max_new_tokens=200,
                 gen_batch_size=256, n_train_questions=500, rationalize=True,
                 max_kept_per_question=1, union=False, base_steps=40, step_growth=1.2,
-                batch_size=16, seq_len=256, pack=True, position_jitter=0,
+                batch_size=16, seq_len=256, pack=True, position_jitter=0.0,
                 eval_splits=("test", "ood_test"),
                 n_eval=None, eval_batch_size=256, seed=SEED,
                 optimizer=dict(lr=1e-3, warmup_steps=10, schedule="constant", weight_decay=0.01))

@@ -226,6 +226,10 @@ class Transformer(nn.Module):
     """Token ids (B, T) -> embeddings (B, T, dim) in the compute dtype."""
     return self.embed(tokens)
 
+  def finish(self, x: Array) -> Array:
+    """Last layer's output (B, T, dim) -> logits: the final norm, then the LM head."""
+    return self.logits_from_hidden(self.final_norm(x))
+
   def logits_from_hidden(self, hidden: Array) -> Array:
     """Final-norm hidden states -> logits (the LM head; tied or separate)."""
     if self.cfg.tie_embeddings and matmul_lib.use_fast_bf16(self.cfg.compute_dtype):
@@ -280,6 +284,37 @@ class Transformer(nn.Module):
       x, _ = self.layers(x, None, positions, attn_mask, None)
     hidden = self.final_norm(x)
     return ModelOutput(logits=self.logits_from_hidden(hidden), hidden=hidden, cache=new_cache)
+
+
+def unstack_layers(params: Any, n_layers: int) -> list[Any]:
+  """The scanned layers' stacked parameters as one tree per layer (static slices)."""
+  return [jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(n_layers)]
+
+
+def decode_unrolled(cfg: ModelConfig, params: Any, layers: list[Any], tokens: Array,
+                    positions: Array, cache: dict[str, Any], cache_index: Array
+                    ) -> tuple[Array, dict[str, Any]]:
+  """One cached decoding call with the layer loop unrolled, for the sampler's inner loop.
+
+  Same result as `Transformer(cfg).apply(..., cache=...)`, but `layers` holds each layer's
+  parameters separately (`unstack_layers`, done once before the loop) and `cache` keeps per-layer
+  lists {"k": [n_layers x (B, S, K, D)], "v": [...], "pos": (B, S)}. Under the layer scan, XLA CPU
+  copied every layer's weights out of the stacked arrays and rewrote the stacked cache at every
+  token; unrolled, the weights are read in place and each layer's cache is updated in place.
+  """
+  model = Transformer(cfg)
+  x = model.apply({"params": params}, tokens, method=Transformer.embed_tokens)
+  key_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions.astype(jnp.int32),
+                                                cache_index, axis=1)
+  mask = attn_lib.make_attention_mask(positions, key_pos, sliding_window=cfg.sliding_window)
+  layer = DecoderLayer(cfg)
+  ks, vs = [], []
+  for lp, k, v in zip(layers, cache["k"], cache["v"]):
+    x, (k, v) = layer.apply({"params": lp}, x, (k, v), positions, mask, cache_index)
+    ks.append(k)
+    vs.append(v)
+  logits = model.apply({"params": params}, x, method=Transformer.finish)
+  return logits, {"k": ks, "v": vs, "pos": key_pos}
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> Cache:

@@ -67,19 +67,28 @@ def matmul(a: Array, b: Array, operand_dtype: Any = jnp.bfloat16) -> Array:
   dtypes. With f32 operands this still pays: XLA CPU otherwise fuses the transpose of an
   activation into the elementwise op that produces it, which ran 20-50x slower than the copy.
   """
-  return _dot(a.astype(operand_dtype), b.astype(operand_dtype)).astype(a.dtype)
+  return _matmul_fwd(a, b, operand_dtype)[0]
+
+
+def _operand_dtype(a: Array, b: Array, operand_dtype: Any) -> Any:
+  """bf16 only where XLA CPU runs the product on bf16 (else a's dtype: no pointless rounding)."""
+  if jnp.dtype(operand_dtype) == jnp.bfloat16 and not bf16_dot_ok(*a.shape, b.shape[1]):
+    return a.dtype
+  return operand_dtype
 
 
 def _matmul_fwd(a: Array, b: Array, operand_dtype: Any) -> tuple[Array, tuple[Array, ...]]:
-  a_c, b_c = a.astype(operand_dtype), b.astype(operand_dtype)
+  op = _operand_dtype(a, b, operand_dtype)
+  a_c, b_c = a.astype(op), b.astype(op)
   # Empty arrays carry the operands' dtypes to the backward pass (residuals must be arrays).
   dtypes = (jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
   return _dot(a_c, b_c).astype(a.dtype), (a_c, b_c, *dtypes)
 
 
 def _matmul_bwd(operand_dtype: Any, res: tuple[Array, ...], g: Array) -> tuple[Array, Array]:
+  del operand_dtype  # The forward's choice is in the residuals' dtype.
   a_c, b_c, a_dtype, b_dtype = res
-  g = g.astype(operand_dtype)
+  g = g.astype(a_c.dtype)
   da = _dot(g, transpose_2d(b_c)).astype(a_dtype.dtype)
   db = _dot(transpose_2d(a_c), g).astype(b_dtype.dtype)
   return da, db

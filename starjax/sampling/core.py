@@ -148,7 +148,9 @@ def _decode_samples(cfg: ModelConfig, dc: DecodeConfig, params: Any, cache: llam
                     keys: jax.Array) -> dict[str, jax.Array]:
   """Decode loop for one sample per row. keys: (R,) per-row sample keys."""
   r, n = first_logits.shape[0], dc.max_new_tokens
-  model = llama.Transformer(cfg)
+  # Per-layer weights and cache, split once: the loop body runs the layers unrolled.
+  layers = llama.unstack_layers(params, cfg.n_layers)
+  cache = {"k": list(cache["k"]), "v": list(cache["v"]), "pos": cache["pos"]}
 
   def cond(carry):
     return (carry["step"] < n) & ~jnp.all(carry["done"])
@@ -168,9 +170,10 @@ def _decode_samples(cfg: ModelConfig, dc: DecodeConfig, params: Any, cache: llam
     live = ~carry["done"]
     lengths = carry["lengths"] + live.astype(jnp.int32)
     done = carry["done"] | ended
-    out = model.apply({"params": params}, tok[:, None], (next_pos + step)[:, None],
-                      cache=carry["cache"], cache_index=prompt_len + step)
-    return {"step": step + 1, "cache": out.cache, "logits": out.logits[:, 0], "tokens": tokens,
+    logits, cache = llama.decode_unrolled(cfg, params, layers, tok[:, None],
+                                          (next_pos + step)[:, None], carry["cache"],
+                                          prompt_len + step)
+    return {"step": step + 1, "cache": cache, "logits": logits[:, 0], "tokens": tokens,
             "logprobs": logps, "lengths": lengths, "done": done, "finished": carry["finished"]
             | ended}
 

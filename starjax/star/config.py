@@ -56,7 +56,7 @@ class STaRConfig:
   batch_size: int = 8
   seq_len: int = 512
   pack: bool = True
-  position_jitter: int = 0
+  position_jitter: float = 0.0
   optimizer: OptimizerConfig = dataclasses.field(
       default_factory=lambda: OptimizerConfig(lr=1e-5, warmup_steps=10, schedule="constant"))
   eval_splits: tuple[str, ...] = ("test",)

@@ -106,18 +106,20 @@ def pack_rows(examples: Sequence[Example], seq_len: int, pad_id: int) -> dict[st
   return rows
 
 
-def jitter_positions(positions: np.ndarray, rng: np.random.Generator,
-                     max_extra: int) -> np.ndarray:
-  """Randomised positions (Ruoss et al. 2023): each token advances by 1 + U{0..max_extra}.
+def jitter_positions(positions: np.ndarray, rng: np.random.Generator, skip_prob: float
+                     ) -> np.ndarray:
+  """Randomised positions (after Ruoss et al. 2023): each token skips one position id with
+  probability `skip_prob`, i.e. advances by 2 instead of 1.
 
   Every example still starts at 0 (a 0 in `positions` marks an example's start, as `make_rows`
-  writes them) and padding stays -1. Trained this way, a model cannot locate a token by a fixed
-  offset (e.g. "the digit 14 tokens back"), which is what stops it from copying numbers wider than
-  those it was trained on; contiguous positions at inference are one of the layouts it has seen.
+  writes them) and padding stays -1. The distance between a token and one k tokens back then
+  varies from example to example, so a model cannot find the token to copy by a fixed offset
+  (what stops a small model from copying numbers wider than those it was trained on), while the
+  contiguous positions used at inference stay common locally.
   """
-  if max_extra <= 0:
+  if skip_prob <= 0:
     return positions
-  steps = 1 + rng.integers(0, max_extra + 1, size=positions.shape)
+  steps = 1 + (rng.random(positions.shape) < skip_prob)
   cum = np.cumsum(steps, axis=-1)
   cols = np.broadcast_to(np.arange(positions.shape[-1]), positions.shape)
   start = np.maximum.accumulate(np.where(positions == 0, cols, 0), axis=-1)

@@ -33,7 +33,7 @@ def _compiled(cfg: ModelConfig, opt: optim.OptimizerConfig, total_steps: int, me
 
 def finetune(cfg: ModelConfig, params: Any, examples: Sequence[batching.Example], *, steps: int,
              batch_size: int, seq_len: int, opt: optim.OptimizerConfig, mesh: Mesh,
-             pad_id: int, seed: int = 0, pack: bool = True, position_jitter: int = 0,
+             pad_id: int, seed: int = 0, pack: bool = True, position_jitter: float = 0.0,
              progress: bool = False, desc: str = "finetune") -> tuple[Any, list[dict[str, float]]]:
   """Returns (new params, per-step metrics).
 

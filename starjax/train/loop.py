@@ -54,8 +54,8 @@ class TrainConfig:
     seed: parameter initialisation seed.
     data_seed: shuffling seed.
     progress: show a tqdm bar.
-    position_jitter: train on randomised positions, each token advancing by 1 + U{0..jitter}
-      (`batching.jitter_positions`); 0 keeps them contiguous.
+    position_jitter: train on randomised positions, each token skipping a position id with this
+      probability (`batching.jitter_positions`); 0 keeps them contiguous.
   """
 
   steps: int
@@ -71,11 +71,11 @@ class TrainConfig:
   seed: int = 0
   data_seed: int = 0
   progress: bool = True
-  position_jitter: int = 0
+  position_jitter: float = 0.0
 
   def __post_init__(self):
-    if self.position_jitter < 0:
-      raise ValueError(f"train.position_jitter must be >= 0, got {self.position_jitter}.")
+    if not 0 <= self.position_jitter < 1:
+      raise ValueError(f"train.position_jitter must be in [0, 1), got {self.position_jitter}.")
     for name in ("steps", "batch_size", "seq_len", "log_every", "ckpt_every", "keep_ckpts"):
       if getattr(self, name) < 1:
         raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
@@ -157,7 +157,7 @@ class RowSource:
   """
 
   def __init__(self, rows: dict[str, np.ndarray], batch_size: int, seed: int,
-               mesh: Mesh | None = None, position_jitter: int = 0):
+               mesh: Mesh | None = None, position_jitter: float = 0.0):
     n = len(rows["inputs"])
     if n == 0:
       raise ValueError("The dataset produced no rows.")
