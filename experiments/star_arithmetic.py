@@ -42,6 +42,16 @@ at temperature 1 on 3-4 digit train questions, which never contained a correct o
   runs (3 layers, 800-1200 steps; a 4-layer run was stopped early).
 - NoPE (no positional encoding, `model.rope=False`): learns far slower (loss 0.46 vs 0.08 at 450
   steps).
+- Seed rationales for 1-3 digits (800 steps): nothing learned in the budget (2-digit 0.03).
+- Randomised positions (`train.position_jitter`, after Ruoss et al. 2023) so that no fixed offset
+  finds the digit to copy: with gaps of 1-3 the model fails on the contiguous positions used at
+  inference (2-digit 0.0); skipping a position with probability 0.15 gives 1-digit 0.4, 2-digit
+  0.7, and 3-digit operands are still copied as 2-digit ones.
+- Scaffold examples with the problem's own, correct arithmetic in the text (still masked from the
+  loss), 1000 per digit count, 1200 steps: 2-digit accuracy stays 1.00 and 3-4 digit operands are
+  copied and shortened correctly line by line, but the model writes no sum digit on the wider
+  lines ("6 2 + 5 0 , C: 0"): the addition it learned on 2-digit lines does not transfer to wider
+  ones without a loss on them.
 Next: a model that length-generalizes copying (e.g. a larger model trained longer, or position
 coupling / index hints in the seed data), or a pretrained base (`config.base.pretrained`), which
 is what the paper's few-shot GPT-J brings.
