@@ -7,10 +7,10 @@ loadable by `starjax.models.forward` and the layer loop can mix base and thought
 
 Step k >= 1 runs the whole decoder on L rows at once (row t = the thought branch of position t, at
 position id t + k). Its attention sees the base keys (causal, padding-masked) and the row's own keys
-from steps 1..k (see `quiet_star.attention`). The steps are unrolled: each returns its keys/values
-(n_layers, B, L, K, D), stored once, and stacks the earlier ones into a per-layer buffer
-(n_layers, S - 1, B, L, K, D) inside its rematerialised body, so the backward pass holds O(S L)
-key/value memory (a `lax.scan` carrying the buffer kept it once per step: O(S^2 L)).
+from steps 1..k (see `quiet_star.attention`). Thought keys/values live in a per-layer buffer
+(n_layers, S - 1, B, L, K, D) carried through `lax.scan` over steps; each step is rematerialised.
+Note: scan keeps the carried buffer once per step for the backward pass (O(S^2 L) key/value
+memory); the step activations themselves are recomputed.
 """
 
 from __future__ import annotations
@@ -232,49 +232,36 @@ def shift_left_dynamic(x: Array, n: Array, fill: Any) -> Array:
 
 def thought_pass(params: Params, base: BaseOutputs, tokens: Array, valid: Array,
                  cfg: QuietStarConfig, model_cfg: ModelConfig, choose: Chooser) -> ThoughtOutputs:
-  """Steps 1..S-1 of one pass for every position of `tokens` (B, L), unrolled over steps.
+  """Steps 1..S-1 of one pass for every position of `tokens` (B, L), as one `lax.scan`.
 
   Step k reads: start (k = 1), the previous step's thought token (2 <= k <= M + 1), end
   (k = M + 2) or the teacher-forced x_{t+k-M-2} (k > M + 2). At k <= M it draws c_k =
-  choose(k, logits) and keeps log pi(c_k) at the reinforce temperature.
-
-  Each step returns its own keys/values, kept as one array per step; a step stacks the earlier
-  ones into its attention buffer inside its (rematerialised) body. Under `lax.scan` with a carried
-  buffer, the backward pass kept the whole buffer once per step (O(S^2 L) memory); here every
-  step's keys/values are stored once (O(S L)).
+  choose(k, logits) and keeps log pi(c_k) at the reinforce temperature. (The token choice also runs,
+  unused, at the later steps: one step body keeps the compiled program small.)
   """
   lm = params["lm"]
   b, n = tokens.shape
   m, n_steps, end_step = cfg.n_sampled, cfg.n_steps, cfg.end_step
   dt = model_cfg.compute_dtype
   start, end = thought_embeddings(params, cfg, model_cfg)
-  slot_shape = (model_cfg.n_layers, b, n, model_cfg.n_kv_heads, model_cfg.head_dim)
+  buf_shape = (model_cfg.n_layers, n_steps - 1, b, n, model_cfg.n_kv_heads, model_cfg.head_dim)
 
-  def body(prev, slots_k, slots_v, step):
-    pad = [jnp.zeros(slot_shape, dt)] * (n_steps - 1 - len(slots_k))
-    buf_k = jnp.stack([*slots_k, *pad], axis=1)  # (n_layers, S - 1, B, L, K, D)
-    buf_v = jnp.stack([*slots_v, *pad], axis=1)
-    forced_ids = shift_left(tokens, max(step - end_step, 0), cfg.fill_id)
-    ids = prev if step <= m + 1 else forced_ids
+  def body(carry, step):
+    buf_k, buf_v, prev = carry
+    forced_ids = shift_left_dynamic(tokens, jnp.maximum(step - end_step, 0), cfg.fill_id)
+    ids = jnp.where(step <= m + 1, prev, forced_ids)
     x = embed_tokens(lm, ids, model_cfg)
-    if step == 1:
-      x = jnp.broadcast_to(start, x.shape).astype(x.dtype)
-    elif step == end_step:
-      x = jnp.broadcast_to(end, x.shape).astype(x.dtype)
-    h, buf_k, buf_v = thought_step(lm, x, jnp.int32(step), base, valid, buf_k, buf_v, model_cfg)
+    x = jnp.where(step == 1, start, jnp.where(step == end_step, end, x))
+    h, buf_k, buf_v = thought_step(lm, x, step, base, valid, buf_k, buf_v, model_cfg)
     logits = suppress(logits_from_hidden(lm, h, model_cfg), cfg.suppress_ids)
-    tok = choose(jnp.int32(step), jax.lax.stop_gradient(logits)).astype(jnp.int32)
+    tok = choose(step, jax.lax.stop_gradient(logits)).astype(jnp.int32)
     logp = jax.nn.log_softmax(logits / cfg.reinforce_temperature, axis=-1)
     logp = jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0]
-    return tok, buf_k[:, step - 1], buf_v[:, step - 1], (h, tok, logp)
+    return (buf_k, buf_v, tok), (h, tok, logp)
 
   if cfg.remat_steps:
-    body = jax.checkpoint(body, static_argnums=(3,), prevent_cse=False)
-  prev = jnp.full((b, n), cfg.fill_id, jnp.int32)
-  slots_k, slots_v, outs = (), (), []
-  for step in range(1, n_steps):
-    prev, k, v, out = body(prev, slots_k, slots_v, step)
-    slots_k, slots_v = (*slots_k, k), (*slots_v, v)
-    outs.append(out)
-  hidden, toks, logp = (jnp.stack(x) for x in zip(*outs))
+    body = jax.checkpoint(body, prevent_cse=False)
+  init = (jnp.zeros(buf_shape, dt), jnp.zeros(buf_shape, dt),
+          jnp.full((b, n), cfg.fill_id, jnp.int32))
+  _, (hidden, toks, logp) = jax.lax.scan(body, init, jnp.arange(1, n_steps, dtype=jnp.int32))
   return ThoughtOutputs(hidden=hidden, tokens=toks[:m], logp=logp[:m])
