@@ -10,15 +10,15 @@ unknown: generate greedily, keep correct rationales, rationalize wrong ones with
 hint (saved without it), fine-tune from the base model for 40 * 1.2^(n-1) steps, evaluate on
 held-out problems.
 
-Measured (2-core CPU dev machine, idle, 2026-12-02): 10 min wall (seed training 800 steps about
-5.5 min of it).
+Measured (2-core CPU dev machine, idle, 2026-12-02, after the CPU matmul/attention work): 5 min
+wall (seed training 800 steps about 3 min of it; 10 min before).
 
   | iter | 1 digit | 2 | 3 | 4 | 5 | all | train coverage | rat. yield | kept |
-  | 0    | 0.03 | 1.00 | 0.00 | 0.00 | 0.00 | 0.205 | -    | -    | -   |
-  | 1    | 0.03 | 0.90 | 0.00 | 0.00 | 0.00 | 0.185 | 0.22 | 0.01 | 113 |
-  | 2    | 0.07 | 0.95 | 0.00 | 0.00 | 0.00 | 0.205 | 0.25 | 0.02 | 134 |
-  | 3    | 0.10 | 0.80 | 0.00 | 0.00 | 0.00 | 0.180 | 0.27 | 0.00 | 134 |
-  | 4    | 0.10 | 0.78 | 0.00 | 0.00 | 0.00 | 0.175 | 0.22 | 0.01 | 114 |
+  | 0    | 0.07 | 1.00 | 0.00 | 0.00 | 0.00 | 0.215 | -    | -    | -   |
+  | 1    | 0.07 | 0.80 | 0.00 | 0.00 | 0.00 | 0.175 | 0.22 | 0.02 | 118 |
+  | 2    | 0.03 | 0.93 | 0.00 | 0.00 | 0.00 | 0.190 | 0.27 | 0.02 | 141 |
+  | 3    | 0.07 | 0.82 | 0.00 | 0.00 | 0.00 | 0.180 | 0.25 | 0.03 | 139 |
+  | 4    | 0.07 | 0.93 | 0.00 | 0.00 | 0.00 | 0.200 | 0.23 | 0.02 | 124 |
 
 KNOWN GAP: this does not yet show what the demo is for. The seed model solves held-out 2-digit
 sums (1.00) but does not length-generalize: on 3-digit problems it cannot even copy the operands
