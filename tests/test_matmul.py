@@ -108,3 +108,18 @@ def test_bf16_model_uses_the_fast_path_and_tracks_f32():
   hlo = jax.jit(jax.grad(lambda p: loss(cfg, p))).lower(params).compile().as_text()
   dots = _dot_operand_types(hlo)
   assert dots and all(t == ("bf16", "bf16") for t in dots), [t for t in dots if "f32" in t]
+
+
+def test_cpu_kernels_can_be_turned_off_for_accelerator_traces():
+  """compile_check turns them off so fake CPU devices compile what a TPU would run."""
+  cfg = models.preset("tiny", dtype="bfloat16")
+  try:
+    mm.set_cpu_kernels(False)
+    assert not mm.cpu_kernels() and not mm.use_fast_bf16(jnp.bfloat16)
+    assert llama.activation_dtype(cfg) == jnp.bfloat16
+    params = models.init_params(cfg, jax.random.key(0))
+    out = models.forward(cfg, params, jnp.zeros((1, 4), jnp.int32))
+    assert out.logits.dtype == jnp.bfloat16
+  finally:
+    mm.set_cpu_kernels(True)
+  assert mm.cpu_kernels() == (jax.default_backend() == "cpu")

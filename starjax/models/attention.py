@@ -83,7 +83,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   `jax.nn.dot_product_attention` (XLA implementation; cuDNN/TPU compilers fuse it well).
   A query row with every key masked gets uniform weights (finite), never NaN.
   """
-  if jax.default_backend() == "cpu":
+  if matmul_lib.cpu_kernels():
     return recompute_attention(q, k, v, mask, operand_dtype)
   bias = None
   if mask is not None and mask.dtype != jnp.bool_:

@@ -183,8 +183,8 @@ def _matmul_dtype(cfg: ModelConfig) -> Any:
 
 def _dot_general(cfg: ModelConfig) -> Any:
   """The dense layers' dot: `starjax.models.matmul` on CPU (bf16 or f32 operands), else XLA's."""
-  if jax.default_backend() != "cpu" or jnp.dtype(cfg.compute_dtype) not in (jnp.bfloat16,
-                                                                            jnp.float32):
+  if not matmul_lib.cpu_kernels() or jnp.dtype(cfg.compute_dtype) not in (jnp.bfloat16,
+                                                                         jnp.float32):
     return None
   return functools.partial(matmul_lib.dot_general, operand_dtype=cfg.compute_dtype)
 

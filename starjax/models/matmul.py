@@ -34,9 +34,24 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
+_CPU_KERNELS = [True]
+
+
+def set_cpu_kernels(enabled: bool) -> None:
+  """Turns the CPU-only code paths (this module's products in the decoder, the recompute
+  attention) on or off for later traces. Off, a CPU trace is the program accelerators run:
+  `starjax.tools.compile_check` uses that to estimate TPU memory on fake CPU devices."""
+  _CPU_KERNELS[0] = bool(enabled)
+
+
+def cpu_kernels() -> bool:
+  """Whether traces take the CPU-only code paths: on the CPU backend, unless turned off."""
+  return _CPU_KERNELS[0] and jax.default_backend() == "cpu"
+
+
 def use_fast_bf16(dtype: Any) -> bool:
   """Whether matmuls in `dtype` should go through `matmul` (bf16 compute on CPU)."""
-  return jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu"
+  return jnp.dtype(dtype) == jnp.bfloat16 and cpu_kernels()
 
 
 def transpose_2d(x: Array) -> Array:

@@ -219,9 +219,13 @@ def run(args: argparse.Namespace) -> int:
     force_host_devices(args.devices)
   import jax  # pylint: disable=g-import-not-at-top
 
+  from starjax.models import matmul  # pylint: disable=g-import-not-at-top
   from starjax.models.config import PRESETS, preset  # pylint: disable=g-import-not-at-top
   from starjax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from starjax.quiet_star.config import QuietStarConfig  # pylint: disable=g-import-not-at-top
+
+  # Compile the program accelerators run, not the CPU-only kernels (fake devices are CPUs).
+  matmul.set_cpu_kernels(args.devices == 0 and jax.default_backend() == "cpu")
 
   def fail(msg: str) -> int:
     print(f"compile_check: error: {msg}", file=sys.stderr)
