@@ -79,9 +79,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   On CPU this is `recompute_attention`: the backward pass recomputes the probabilities instead of
   keeping them. In XLA's graph, the saved probabilities, their stacking across the scanned layers
   and a transpose with a size-3 minor dimension took over half of a SmolLM2-135M training step at
-  1024 tokens on a 2-core Xeon; with `starjax.models.matmul`, that step went from 18.5 to 7.8 s. Elsewhere it is
-  `jax.nn.dot_product_attention` (XLA implementation; cuDNN/TPU compilers fuse it well).
-  A query row with every key masked gets uniform weights (finite), never NaN.
+  1024 tokens on a 2-core Xeon; with `starjax.models.matmul`, that step went from 18.5 to 7.8 s.
+  Elsewhere it is `jax.nn.dot_product_attention` (XLA implementation; accelerator compilers
+  fuse it well). A query row with every key masked gets uniform weights (finite), never NaN.
   """
   if matmul_lib.cpu_kernels():
     return recompute_attention(q, k, v, mask, operand_dtype)
@@ -129,17 +129,9 @@ def _row_major(x: jax.Array) -> jax.Array:
   return jax.lax.optimization_barrier(x.reshape(-1)).reshape(x.shape)
 
 
-def _swap(x: jax.Array) -> jax.Array:
-  """Swaps the last two axes into a row-major array that XLA cannot fold into the next dot."""
-  shape = (*x.shape[:-2], x.shape[-1], x.shape[-2])
-  return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2).reshape(-1)).reshape(shape)
-
-
-def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
-  """Batched (..., M, K) @ (..., K, N) with float32 accumulation."""
-  if a.dtype == jnp.bfloat16 and not matmul_lib.bf16_dot_ok(*a.shape[-2:], b.shape[-1]):
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)  # See matmul.bf16_dot_ok.
-  return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+# Shared with the dense layers: row-major transposes XLA cannot fold, f32-accumulated products.
+_swap = matmul_lib.transpose_2d
+_mm = matmul_lib.dot
 
 
 @jax.custom_vjp

@@ -55,9 +55,10 @@ def use_fast_bf16(dtype: Any) -> bool:
 
 
 def transpose_2d(x: Array) -> Array:
-  """x.T as a row-major array that XLA cannot fold back into a dot (see module docstring)."""
-  rows, cols = x.shape
-  return jax.lax.optimization_barrier(x.T.reshape(-1)).reshape(cols, rows)
+  """x with its last two axes swapped, as a row-major array that XLA cannot fold back into a dot
+  (see module docstring). Any rank >= 2: batched products use it too."""
+  shape = (*x.shape[:-2], x.shape[-1], x.shape[-2])
+  return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2).reshape(-1)).reshape(shape)
 
 
 def bf16_dot_ok(m: int, k: int, n: int) -> bool:
@@ -67,7 +68,7 @@ def bf16_dot_ok(m: int, k: int, n: int) -> bool:
   return m > 1 and n > 1 and max(m, k, n) >= 8
 
 
-def _dot(a: Array, b: Array) -> Array:
+def dot(a: Array, b: Array) -> Array:
   """a (..., M, K) @ b (..., K, N), accumulated in f32 (bf16 operands only where supported)."""
   if a.dtype == jnp.bfloat16 and not bf16_dot_ok(a.shape[-2], a.shape[-1], b.shape[-1]):
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
@@ -100,15 +101,15 @@ def _matmul_fwd(a: Array, b: Array, operand_dtype: Any) -> tuple[Array, tuple[Ar
   a_c, b_c = a.astype(op), b.astype(op)
   # Empty arrays carry the operands' dtypes to the backward pass (residuals must be arrays).
   dtypes = (jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
-  return _dot(a_c, b_c).astype(a.dtype), (a_c, b_c, *dtypes)
+  return dot(a_c, b_c).astype(a.dtype), (a_c, b_c, *dtypes)
 
 
 def _matmul_bwd(operand_dtype: Any, res: tuple[Array, ...], g: Array) -> tuple[Array, Array]:
   del operand_dtype  # The forward's choice is in the residuals' dtype.
   a_c, b_c, a_dtype, b_dtype = res
   g = g.astype(a_c.dtype)
-  da = _dot(g, transpose_2d(b_c)).astype(a_dtype.dtype)
-  db = _dot(transpose_2d(a_c), g).astype(b_dtype.dtype)
+  da = dot(g, transpose_2d(b_c)).astype(a_dtype.dtype)
+  db = dot(transpose_2d(a_c), g).astype(b_dtype.dtype)
   return da, db
 
 
