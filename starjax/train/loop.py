@@ -170,17 +170,18 @@ class RowSource:
         batch_size, drop_remainder=True)
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
-    batch = {k: v[np.asarray(self._index[step])] for k, v in self.rows.items()}
-    if self.position_jitter:  # Drawn for the global batch: the same on any number of processes.
-      rng = np.random.default_rng([self.seed, step])
-      batch["positions"] = batching.jitter_positions(batch["positions"], rng,
-                                                     self.position_jitter)
+    idx = np.asarray(self._index[step])
     if self.mesh is not None:
       local = step_lib.process_rows(self.mesh, self.batch_size)
     else:
       n = self.batch_size // jax.process_count()
       local = slice(jax.process_index() * n, (jax.process_index() + 1) * n)
-    return {k: v[local] for k, v in batch.items()}
+    batch = {k: v[idx[local]] for k, v in self.rows.items()}
+    if self.position_jitter:  # Drawn for the global batch: the same on any number of processes.
+      rng = np.random.default_rng([self.seed, step])
+      batch["positions"] = batching.jitter_positions(self.rows["positions"][idx], rng,
+                                                     self.position_jitter)[local]
+    return batch
 
 
 def _check_workdir(workdir: Path) -> None:
