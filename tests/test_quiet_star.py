@@ -464,3 +464,24 @@ def test_bfloat16_compute_traces_with_float32_params_and_loss():
   assert value.dtype == jnp.float32 and metrics["policy_loss"].dtype == jnp.float32
   for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params)):
     assert g.shape == p.shape and g.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("model_cfg", [MODEL, MODEL_B], ids=["plain", "bias_tied_window"])
+def test_step_vjp_equals_autodiff_of_the_step_scan(model_cfg):
+  """The O(one buffer) backward through the thought steps = differentiating the scan itself."""
+  params = _params(model_cfg, random_mixer=True)
+  batch = _batch(lengths=[L, 9])
+  # A small beta keeps the loss a sum of terms of similar size, so f32 differences stay small.
+  cfg = CFG.replace(policy_loss_beta=1.0)
+  (l1, m1), g1 = _grad_fn(cfg, model_cfg)(params, batch, KEY)
+  (l2, m2), g2 = _grad_fn(cfg.replace(step_vjp=False), model_cfg)(params, batch, KEY)
+  assert float(m1["policy_loss"]) != 0
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  flat1 = jax.tree_util.tree_flatten_with_path(g1)[0]
+  for (path, a), b in zip(flat1, jax.tree.leaves(g2)):
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.abs(b).max() > 0, jax.tree_util.keystr(path)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(),
+                               err_msg=jax.tree_util.keystr(path))
+  # The thought embeddings only reach the loss through the steps: their gradient is all VJP.
+  assert np.abs(np.asarray(g1["thought"]["start_embedding"])).max() > 0

@@ -61,6 +61,9 @@ class QuietStarConfig:
     fill_id: token fed to teacher-forced talk steps whose input lies past the end of the sequence
       (those steps only predict past-the-end targets, which the losses ignore).
     remat_steps: rematerialise each thought/talk step in the backward pass (`jax.checkpoint`).
+    step_vjp: differentiate the thought/talk steps through a custom VJP that recomputes each step
+      from the final thought K/V buffers (`forward._thought_steps`): one buffer in memory instead
+      of one per step. Overrides `remat_steps` for those steps (it recomputes them anyway).
     mixer_init_std: std of the mixing head's first two layers (None: the model's init_std).
   """
 
@@ -82,6 +85,7 @@ class QuietStarConfig:
   suppress_ids: tuple[int, ...] = ()
   fill_id: int = 0
   remat_steps: bool = True
+  step_vjp: bool = True
   mixer_init_std: float | None = None
 
   def __post_init__(self):

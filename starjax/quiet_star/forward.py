@@ -15,6 +15,7 @@ memory); the step activations themselves are recomputed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -238,30 +239,131 @@ def thought_pass(params: Params, base: BaseOutputs, tokens: Array, valid: Array,
   (k = M + 2) or the teacher-forced x_{t+k-M-2} (k > M + 2). At k <= M it draws c_k =
   choose(k, logits) and keeps log pi(c_k) at the reinforce temperature. (The token choice also runs,
   unused, at the later steps: one step body keeps the compiled program small.)
+
+  Gradients: with `cfg.step_vjp` (default) through `_thought_steps`' custom VJP, which keeps one
+  copy of the thought K/V buffers instead of one per step; else by autodiff of the scan
+  (rematerialised per step with `cfg.remat_steps`).
   """
   lm = params["lm"]
-  b, n = tokens.shape
-  m, n_steps, end_step = cfg.n_sampled, cfg.n_steps, cfg.end_step
-  dt = model_cfg.compute_dtype
   start, end = thought_embeddings(params, cfg, model_cfg)
+  if cfg.step_vjp:
+    logits_like = jax.ShapeDtypeStruct(tokens.shape + (model_cfg.vocab_size,), jnp.float32)
+    choose_fn, consts = jax.closure_convert(choose, jnp.int32(1), logits_like)
+    hidden, toks, logp = _thought_steps(choose_fn, cfg, model_cfg, lm, start, end, base.k, base.v,
+                                        tokens, valid, tuple(consts))
+  else:
+    (hidden, toks, logp), _ = _run_steps(choose, cfg, model_cfg, lm, start, end, base.k, base.v,
+                                         tokens, valid, remat=cfg.remat_steps)
+  m = cfg.n_sampled
+  return ThoughtOutputs(hidden=hidden, tokens=toks[:m], logp=logp[:m])
+
+
+def _step_input(lm: Params, start: Array, end: Array, tokens: Array, step: Array, prev: Array,
+                cfg: QuietStarConfig, model_cfg: ModelConfig) -> Array:
+  """Input embeddings (B, L, dim) of step `step`; `prev` holds the previous step's tokens."""
+  forced_ids = shift_left_dynamic(tokens, jnp.maximum(step - cfg.end_step, 0), cfg.fill_id)
+  ids = jnp.where(step <= cfg.n_sampled + 1, prev, forced_ids)
+  x = embed_tokens(lm, ids, model_cfg)
+  return jnp.where(step == 1, start, jnp.where(step == cfg.end_step, end, x))
+
+
+def _token_logp(logits: Array, tok: Array, cfg: QuietStarConfig) -> Array:
+  logp = jax.nn.log_softmax(logits / cfg.reinforce_temperature, axis=-1)
+  return jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0]
+
+
+def _run_steps(choose: Chooser, cfg: QuietStarConfig, model_cfg: ModelConfig, lm: Params,
+               start: Array, end: Array, base_k: Array, base_v: Array, tokens: Array,
+               valid: Array, remat: bool = False
+               ) -> tuple[tuple[Array, Array, Array], tuple[Array, Array]]:
+  """The step scan: ((hidden, tokens, logp) of every step, final thought K/V buffers)."""
+  b, n = tokens.shape
+  n_steps = cfg.n_steps
+  dt = model_cfg.compute_dtype
+  base = BaseOutputs(hidden=None, logits=None, k=base_k, v=base_v)
   buf_shape = (model_cfg.n_layers, n_steps - 1, b, n, model_cfg.n_kv_heads, model_cfg.head_dim)
 
   def body(carry, step):
     buf_k, buf_v, prev = carry
-    forced_ids = shift_left_dynamic(tokens, jnp.maximum(step - end_step, 0), cfg.fill_id)
-    ids = jnp.where(step <= m + 1, prev, forced_ids)
-    x = embed_tokens(lm, ids, model_cfg)
-    x = jnp.where(step == 1, start, jnp.where(step == end_step, end, x))
+    x = _step_input(lm, start, end, tokens, step, prev, cfg, model_cfg)
     h, buf_k, buf_v = thought_step(lm, x, step, base, valid, buf_k, buf_v, model_cfg)
     logits = suppress(logits_from_hidden(lm, h, model_cfg), cfg.suppress_ids)
     tok = choose(step, jax.lax.stop_gradient(logits)).astype(jnp.int32)
-    logp = jax.nn.log_softmax(logits / cfg.reinforce_temperature, axis=-1)
-    logp = jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0]
-    return (buf_k, buf_v, tok), (h, tok, logp)
+    return (buf_k, buf_v, tok), (h, tok, _token_logp(logits, tok, cfg))
 
-  if cfg.remat_steps:
+  if remat:
     body = jax.checkpoint(body, prevent_cse=False)
   init = (jnp.zeros(buf_shape, dt), jnp.zeros(buf_shape, dt),
           jnp.full((b, n), cfg.fill_id, jnp.int32))
-  _, (hidden, toks, logp) = jax.lax.scan(body, init, jnp.arange(1, n_steps, dtype=jnp.int32))
-  return ThoughtOutputs(hidden=hidden, tokens=toks[:m], logp=logp[:m])
+  (buf_k, buf_v, _), ys = jax.lax.scan(body, init, jnp.arange(1, n_steps, dtype=jnp.int32))
+  return ys, (buf_k, buf_v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _thought_steps(choose_fn: Callable[..., Array], cfg: QuietStarConfig, model_cfg: ModelConfig,
+                   lm: Params, start: Array, end: Array, base_k: Array, base_v: Array,
+                   tokens: Array, valid: Array, consts: tuple[Array, ...]
+                   ) -> tuple[Array, Array, Array]:
+  """`_run_steps` with a backward pass in O(one K/V buffer) memory.
+
+  Autodiff of the step scan keeps the scan carry, the thought K/V buffers of every layer, at every
+  step: O(S^2 L) memory, the largest item of a training step. But step k only reads buffer slots
+  < k (the rest are masked) and writes slot k - 1, so its input buffer equals the *final* buffer
+  restricted to those slots. The backward therefore runs the steps in reverse on the final
+  buffer, recomputing each step (as `jax.checkpoint` would) with the tokens the forward chose,
+  and carries one accumulated cotangent buffer: slot k - 1's cotangent is complete once every
+  later step has added its share, and is then pushed through step k.
+  """
+  ys, _ = _run_steps(lambda s, z: choose_fn(s, z, *consts), cfg, model_cfg, lm, start, end,
+                     base_k, base_v, tokens, valid)
+  return ys
+
+
+def _thought_steps_fwd(choose_fn, cfg, model_cfg, lm, start, end, base_k, base_v, tokens, valid,
+                       consts):
+  ys, (buf_k, buf_v) = _run_steps(lambda s, z: choose_fn(s, z, *consts), cfg, model_cfg, lm,
+                                  start, end, base_k, base_v, tokens, valid)
+  return ys, (lm, start, end, base_k, base_v, tokens, valid, buf_k, buf_v, ys[1])
+
+
+def _thought_steps_bwd(choose_fn, cfg, model_cfg, res, cotangents):
+  del choose_fn  # The forward's tokens are reused, never re-drawn.
+  lm, start, end, base_k, base_v, tokens, valid, buf_k, buf_v, toks = res
+  d_hidden, _, d_logp = cotangents
+  prevs = jnp.concatenate([jnp.full_like(toks[:1], cfg.fill_id), toks[:-1]])
+
+  def step_fn(diff, step, prev, tok):
+    lm_, start_, end_, bk, bv, fk, fv = diff
+    x = _step_input(lm_, start_, end_, tokens, step, prev, cfg, model_cfg)
+    base = BaseOutputs(hidden=None, logits=None, k=bk, v=bv)
+    h, fk, fv = thought_step(lm_, x, step, base, valid, fk, fv, model_cfg)
+    logits = suppress(logits_from_hidden(lm_, h, model_cfg), cfg.suppress_ids)
+    slot = step - 1
+    return (h, _token_logp(logits, tok, cfg), jax.lax.dynamic_index_in_dim(fk, slot, 1, False),
+            jax.lax.dynamic_index_in_dim(fv, slot, 1, False))
+
+  def back(carry, xs):
+    grads, d_buf_k, d_buf_v = carry
+    step, prev, tok, dh, dlp = xs
+    diff = (lm, start, end, base_k, base_v, buf_k, buf_v)
+    _, vjp = jax.vjp(lambda d: step_fn(d, step, prev, tok), diff)
+    slot = step - 1
+    dk = jax.lax.dynamic_index_in_dim(d_buf_k, slot, 1, False)
+    dv = jax.lax.dynamic_index_in_dim(d_buf_v, slot, 1, False)
+    (g,) = vjp((dh, dlp, dk, dv))
+    *g_rest, g_fk, g_fv = g
+    # Slot `slot` is fully accounted for (step k overwrote it); earlier slots gain step k's share.
+    d_buf_k = jax.lax.dynamic_update_index_in_dim(d_buf_k, jnp.zeros_like(dk), slot, 1) + g_fk
+    d_buf_v = jax.lax.dynamic_update_index_in_dim(d_buf_v, jnp.zeros_like(dv), slot, 1) + g_fv
+    grads = jax.tree.map(jnp.add, grads, tuple(g_rest))
+    return (grads, d_buf_k, d_buf_v), None
+
+  zeros = jax.tree.map(jnp.zeros_like, (lm, start, end, base_k, base_v))
+  steps = jnp.arange(1, cfg.n_steps, dtype=jnp.int32)
+  (grads, _, _), _ = jax.lax.scan(
+      back, (zeros, jnp.zeros_like(buf_k), jnp.zeros_like(buf_v)),
+      (steps, prevs, toks, d_hidden, d_logp), reverse=True)
+  return (*grads, None, None, None)
+
+
+_thought_steps.defvjp(_thought_steps_fwd, _thought_steps_bwd)
