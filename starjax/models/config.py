@@ -39,6 +39,12 @@ class ModelConfig:
     dtype: compute dtype ("float32" or "bfloat16"); parameters stay float32 (master weights).
     remat: rematerialisation policy per layer: "none", "full" or "dots" (save matmul outputs).
     init_std: standard deviation of the normal initialiser (HF's `initializer_range`).
+    digit_positions: rows of the digit-index embedding (`starjax.models.abacus`); 0 = none.
+      Indices at or beyond it share the last row.
+    digit_ids: token ids of the ten digits (needed when digit_positions > 0).
+    digit_separator_ids: tokens allowed between the digits of one number (e.g. the space).
+    digit_offset: training draws a random offset in [0, digit_offset] per example for the digit
+      indices, so wide numbers' indices are trained on narrow ones; inference uses 0.
   """
 
   vocab_size: int
@@ -58,6 +64,10 @@ class ModelConfig:
   dtype: str = "float32"
   remat: str = "none"
   init_std: float = 0.02
+  digit_positions: int = 0
+  digit_ids: tuple[int, ...] = ()
+  digit_separator_ids: tuple[int, ...] = ()
+  digit_offset: int = 0
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -73,6 +83,13 @@ class ModelConfig:
       raise ValueError(f"dtype={self.dtype!r}; expected one of {sorted(_DTYPES)}.")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"remat={self.remat!r}; expected 'none', 'full' or 'dots'.")
+    if self.digit_positions and not self.digit_ids:
+      raise ValueError("digit_positions > 0 needs digit_ids (the digit tokens' ids).")
+    if self.digit_offset < 0 or (self.digit_offset and self.digit_offset >= self.digit_positions):
+      raise ValueError(f"digit_offset={self.digit_offset} must be in [0, digit_positions="
+                       f"{self.digit_positions}).")
+    for field in ("digit_ids", "digit_separator_ids"):  # Lists from configs: keep it hashable.
+      object.__setattr__(self, field, tuple(int(i) for i in getattr(self, field)))
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -90,7 +107,7 @@ class ModelConfig:
     attn = d * h * hd * 2 + d * k * hd * 2 + (h * hd + 2 * k * hd if self.qkv_bias else 0)
     layer = attn + 3 * d * f + 2 * d
     emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-    return self.n_layers * layer + emb + d
+    return self.n_layers * layer + emb + d + self.digit_positions * d
 
 
 PRESETS: dict[str, dict[str, Any]] = {

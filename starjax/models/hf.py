@@ -198,6 +198,9 @@ def config_to_hf(cfg: ModelConfig, architecture: str | None = None,
                      f"{list(ARCHITECTURES)}.")
   if not cfg.rope:
     raise ValueError("cfg.rope is False (a NoPE decoder); HF Llama/Mistral/Qwen2 always use RoPE.")
+  if cfg.digit_positions:
+    raise ValueError("cfg.digit_positions > 0 (digit-index embeddings); HF Llama/Mistral/Qwen2 "
+                     "have no such table.")
   if architecture == "Qwen2ForCausalLM" and not cfg.qkv_bias:
     raise ValueError("Qwen2ForCausalLM always has q/k/v biases; cfg.qkv_bias is False.")
   if architecture != "Qwen2ForCausalLM" and cfg.qkv_bias:

@@ -23,6 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from starjax.models import abacus
 from starjax.models import attention as attn_lib
 from starjax.models import matmul as matmul_lib
 from starjax.models.config import ModelConfig
@@ -205,6 +206,10 @@ class Transformer(nn.Module):
     self.embed = nn.Embed(
         cfg.vocab_size, cfg.dim, dtype=activation_dtype(cfg),
         embedding_init=_init(cfg, ("vocab", "embed")), name="embed")
+    if cfg.digit_positions:
+      self.digit_embed = nn.Embed(
+          cfg.digit_positions, cfg.dim, dtype=activation_dtype(cfg),
+          embedding_init=_init(cfg, (None, "embed")), name="digit_embed")
     layer_cls = DecoderLayer
     if cfg.remat != "none":
       layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
@@ -222,9 +227,18 @@ class Transformer(nn.Module):
                               dot_general=_dot_general(cfg),
                               kernel_init=_init(cfg, ("embed", "vocab")), name="lm_head")
 
-  def embed_tokens(self, tokens: Array) -> Array:
-    """Token ids (B, T) -> embeddings (B, T, dim) in the compute dtype."""
-    return self.embed(tokens)
+  def embed_tokens(self, tokens: Array, digit_index: Array | None = None) -> Array:
+    """Token ids (B, T) -> embeddings (B, T, dim) in the compute dtype.
+
+    With digit-index embeddings (`cfg.digit_positions`), `digit_index` (B, T) is added; None
+    computes it from `tokens` as the start of a text with offset 0.
+    """
+    x = self.embed(tokens)
+    if self.cfg.digit_positions:
+      if digit_index is None:
+        digit_index, _ = abacus.digit_index(self.cfg, tokens)
+      x = x + self.digit_embed(jnp.minimum(digit_index, self.cfg.digit_positions - 1))
+    return x
 
   def finish(self, x: Array) -> Array:
     """Last layer's output (B, T, dim) -> logits: the final norm, then the LM head."""
@@ -246,7 +260,7 @@ class Transformer(nn.Module):
   def __call__(self, tokens: Array | None, positions: Array, *,
                inputs_embeds: Array | None = None, segment_ids: Array | None = None,
                attn_mask: Array | None = None, cache: Cache | None = None,
-               cache_index: Array | int = 0) -> ModelOutput:
+               cache_index: Array | int = 0, digit_index: Array | None = None) -> ModelOutput:
     """Runs the decoder.
 
     Args:
@@ -258,12 +272,15 @@ class Transformer(nn.Module):
         position-derived causal mask (S = T, or the cache length with a cache).
       cache: optional KV cache (see module docstring); the new keys are written at `cache_index`.
       cache_index: slot at which to write the T new keys/values.
+      digit_index: optional int (B, T) digit indices (`starjax.models.abacus`) for a model with
+        digit-index embeddings; None computes them from `tokens` as if they started a text
+        (right for training rows and prefill; a decoding step must pass them).
 
     Returns:
       ModelOutput with logits, final hidden states and the updated cache.
     """
     cfg = self.cfg
-    x = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds.astype(
+    x = self.embed_tokens(tokens, digit_index) if inputs_embeds is None else inputs_embeds.astype(
         activation_dtype(cfg))
     x = apply_names(x, ("activation_batch", "activation_length", "activation_embed"))
     positions = positions.astype(jnp.int32)
@@ -292,18 +309,21 @@ def unstack_layers(params: Any, n_layers: int) -> list[Any]:
 
 
 def decode_unrolled(cfg: ModelConfig, params: Any, layers: list[Any], tokens: Array,
-                    positions: Array, cache: dict[str, Any], cache_index: Array
-                    ) -> tuple[Array, dict[str, Any]]:
+                    positions: Array, cache: dict[str, Any], cache_index: Array,
+                    digit_index: Array | None = None) -> tuple[Array, dict[str, Any]]:
   """One cached decoding call with the layer loop unrolled, for the sampler's inner loop.
 
   Same result as `Transformer(cfg).apply(..., cache=...)`, but `layers` holds each layer's
   parameters separately (`unstack_layers`, done once before the loop) and `cache` keeps per-layer
-  lists {"k": [n_layers x (B, S, K, D)], "v": [...], "pos": (B, S)}. Under the layer scan, XLA CPU
+  lists {"k": [n_layers x (B, S, K, D)], "v": [...], "pos": (B, S)}. `digit_index` is
+  required with digit-index embeddings (`abacus.digit_step` gives it). Under the layer scan, XLA CPU
   copied every layer's weights out of the stacked arrays and rewrote the stacked cache at every
   token; unrolled, the weights are read in place and each layer's cache is updated in place.
   """
   model = Transformer(cfg)
-  x = model.apply({"params": params}, tokens, method=Transformer.embed_tokens)
+  if cfg.digit_positions and digit_index is None:
+    raise ValueError("A model with digit-index embeddings needs digit_index when decoding.")
+  x = model.apply({"params": params}, tokens, digit_index, method=Transformer.embed_tokens)
   key_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions.astype(jnp.int32),
                                                 cache_index, axis=1)
   mask = attn_lib.make_attention_mask(positions, key_pos, sliding_window=cfg.sliding_window)

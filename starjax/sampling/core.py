@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from starjax.models import llama
+from starjax.models import abacus, llama
 from starjax.models.config import ModelConfig
 
 NEG_INF = -1e30
@@ -145,8 +145,9 @@ def stopped(tokens: jax.Array, step: jax.Array, dc: DecodeConfig) -> jax.Array:
 
 def _decode_samples(cfg: ModelConfig, dc: DecodeConfig, params: Any, cache: llama.Cache,
                     first_logits: jax.Array, next_pos: jax.Array, prompt_len: int,
-                    keys: jax.Array) -> dict[str, jax.Array]:
-  """Decode loop for one sample per row. keys: (R,) per-row sample keys."""
+                    digit_run: jax.Array, keys: jax.Array) -> dict[str, jax.Array]:
+  """Decode loop for one sample per row. keys: (R,) per-row sample keys; digit_run: (R,) the
+  prompts' digit run lengths (`abacus.digit_index`), carried for digit-index embeddings."""
   r, n = first_logits.shape[0], dc.max_new_tokens
   # Per-layer weights and cache, split once: the loop body runs the layers unrolled.
   layers = llama.unstack_layers(params, cfg.n_layers)
@@ -170,12 +171,17 @@ def _decode_samples(cfg: ModelConfig, dc: DecodeConfig, params: Any, cache: llam
     live = ~carry["done"]
     lengths = carry["lengths"] + live.astype(jnp.int32)
     done = carry["done"] | ended
+    new = {}
+    digit_index = None
+    if cfg.digit_positions:
+      digit_index, new["digit_run"] = abacus.digit_step(cfg, tok, carry["digit_run"])
+      digit_index = digit_index[:, None]
     logits, cache = llama.decode_unrolled(cfg, params, layers, tok[:, None],
                                           (next_pos + step)[:, None], carry["cache"],
-                                          prompt_len + step)
+                                          prompt_len + step, digit_index)
     return {"step": step + 1, "cache": cache, "logits": logits[:, 0], "tokens": tokens,
             "logprobs": logps, "lengths": lengths, "done": done, "finished": carry["finished"]
-            | ended}
+            | ended, **new}
 
   carry = {
       "step": jnp.zeros((), jnp.int32), "cache": cache, "logits": first_logits,
@@ -183,6 +189,8 @@ def _decode_samples(cfg: ModelConfig, dc: DecodeConfig, params: Any, cache: llam
       "lengths": jnp.zeros((r,), jnp.int32), "done": jnp.zeros((r,), bool),
       "finished": jnp.zeros((r,), bool),
   }
+  if cfg.digit_positions:
+    carry["digit_run"] = digit_run
   carry = jax.lax.while_loop(cond, body, carry)
   return {k: carry[k] for k in ("tokens", "logprobs", "lengths", "finished")}
 
@@ -195,8 +203,9 @@ def _generate_local(cfg: ModelConfig, dc: DecodeConfig, params: Any, prompts: ja
   out = llama.Transformer(cfg).apply({"params": params}, prompts, positions, cache=cache,
                                      cache_index=0)
   next_pos = jnp.max(positions, axis=1) + 1
+  _, digit_run = abacus.digit_index(cfg, prompts)  # Left padding ends any run: no effect.
   decode = functools.partial(_decode_samples, cfg, dc, params, out.cache, out.logits[:, -1],
-                             next_pos, plen)
+                             next_pos, plen, digit_run)
   res = jax.vmap(decode, in_axes=1, out_axes=1)(sample_keys)  # keys (B, K) -> outputs (B, K, .)
   return res
 

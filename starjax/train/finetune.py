@@ -52,7 +52,7 @@ def finetune(cfg: ModelConfig, params: Any, examples: Sequence[batching.Example]
   if not kept:
     raise ValueError(f"None of the {len(examples)} examples fits seq_len={seq_len}.")
   rows = batching.make_rows(kept, seq_len, pad_id, pack=pack)
-  source = RowSource(rows, batch_size, seed, mesh, position_jitter)
+  source = RowSource(rows, batch_size, seed, mesh, position_jitter, cfg.digit_offset)
   # A constant schedule does not depend on the step count: one compiled step serves every
   # STaR iteration even though their lengths differ.
   tx, train_fn = _compiled(cfg, opt, steps if opt.schedule != "constant" else 1, mesh, batch_size)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from starjax import configs, tokenizers
 from starjax.data import corpora
+from starjax.models import abacus
 from starjax.models.config import PRESETS, ModelConfig
 from starjax.parallel import mesh as mesh_lib
 from starjax.parallel import multihost
@@ -157,7 +158,7 @@ class RowSource:
   """
 
   def __init__(self, rows: dict[str, np.ndarray], batch_size: int, seed: int,
-               mesh: Mesh | None = None, position_jitter: float = 0.0):
+               mesh: Mesh | None = None, position_jitter: float = 0.0, digit_offset: int = 0):
     n = len(rows["inputs"])
     if n == 0:
       raise ValueError("The dataset produced no rows.")
@@ -166,6 +167,7 @@ class RowSource:
     self.mesh = mesh
     self.seed = seed
     self.position_jitter = position_jitter
+    self.digit_offset = digit_offset
     self._index = grain.MapDataset.range(n).shuffle(seed=seed).repeat().batch(
         batch_size, drop_remainder=True)
 
@@ -181,6 +183,10 @@ class RowSource:
       rng = np.random.default_rng([self.seed, step])
       batch["positions"] = batching.jitter_positions(self.rows["positions"][idx], rng,
                                                      self.position_jitter)[local]
+    if self.digit_offset:  # One offset per example, also drawn for the global batch.
+      rng = np.random.default_rng([self.seed, step, 1])
+      batch["digit_offset"] = abacus.example_offsets(self.rows["segment_ids"][idx], rng,
+                                                     self.digit_offset)[local]
     return batch
 
 
@@ -226,7 +232,8 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
   train_rows = batching.make_rows(corpus.train, tc.seq_len, tok.pad_id, pack=tc.pack)
   eval_rows = batching.make_rows(corpus.eval, tc.seq_len, tok.pad_id, pack=tc.pack)
   mesh = mesh_lib.make_mesh(run.mesh)
-  train_src = RowSource(train_rows, tc.batch_size, tc.data_seed, mesh, tc.position_jitter)
+  train_src = RowSource(train_rows, tc.batch_size, tc.data_seed, mesh, tc.position_jitter,
+                        run.model.digit_offset)
   eval_src = RowSource(eval_rows, tc.batch_size, tc.data_seed + 1, mesh) if len(
       eval_rows["inputs"]) >= tc.batch_size else None
   log.info("data: %d train rows, %d eval rows", len(train_rows["inputs"]),

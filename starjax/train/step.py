@@ -12,6 +12,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from starjax.models import abacus
 from starjax.models.config import ModelConfig
 from starjax.models.llama import Transformer
 from starjax.parallel import multihost, sharding
@@ -23,9 +24,16 @@ Metrics = dict[str, jax.Array]
 
 
 def lm_loss(cfg: ModelConfig, params: Any, batch: Batch) -> tuple[jax.Array, dict[str, Any]]:
-  """Masked next-token cross-entropy of one batch of rows (see `batching`)."""
+  """Masked next-token cross-entropy of one batch of rows (see `batching`).
+
+  A "digit_offset" entry (B, T) shifts the digit indices of a model with digit-index embeddings
+  (random per example in training, see `RowSource`); without it they start at 1.
+  """
+  digit_index = None
+  if cfg.digit_positions and "digit_offset" in batch:
+    digit_index, _ = abacus.digit_index(cfg, batch["inputs"], batch["digit_offset"])
   out = Transformer(cfg).apply({"params": params}, batch["inputs"], batch["positions"],
-                               segment_ids=batch.get("segment_ids"))
+                               segment_ids=batch.get("segment_ids"), digit_index=digit_index)
   return losses.masked_cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
 
 
