@@ -52,6 +52,14 @@ at temperature 1 on 3-4 digit train questions, which never contained a correct o
   copied and shortened correctly line by line, but the model writes no sum digit on the wider
   lines ("6 2 + 5 0 , C: 0"): the addition it learned on 2-digit lines does not transfer to wider
   ones without a loss on them.
+- Digit-index ("Abacus") embeddings (McLeish et al. 2024; `model.digit_positions=32`, a random
+  offset in [0, 20] per training example, session of 2026-12-02 on the AMD machine), so that a
+  digit is found by its place in its number rather than by position: the seed model reaches
+  2-digit 0.93 and 3-6 digits 0.00; it still writes the two-step layout of a 2-digit scratchpad
+  ("4 4 5 4 + , C: 0" / "4 + 4 , 9 C: 0" for a 3-digit sum). With the zero-padded widths above as
+  well, 800 steps leave even 2-digit sums at 0.00 (loss 0.20). With one scratchpad length in the
+  seed (1-digit sums have no step line), nothing tells a model trained from scratch that the
+  number of lines follows the number of digits.
 Next: a model that length-generalizes copying (e.g. a larger model trained longer, or position
 coupling / index hints in the seed data), or a pretrained base (`config.base.pretrained`), which
 is what the paper's few-shot GPT-J brings.
