@@ -152,3 +152,42 @@ def test_unsupported_paths_say_so():
     hf.config_to_hf(CFG)
   with pytest.raises(NotImplementedError, match="digit-index"):
     forward.base_pass({}, jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool), CFG)
+  from starjax.quiet_star import QuietStarConfig, inference  # pylint: disable=g-import-not-at-top
+  with pytest.raises(NotImplementedError, match="digit-index"):
+    inference.compiled_generate(QuietStarConfig(), CFG, DecodeConfig(max_new_tokens=2))
+
+
+def test_a_packed_example_starts_a_new_number():
+  toks = np.asarray([TOK.encode("4 6") + TOK.encode(" 5 + 6") + TOK.encode("7")])
+  seg = np.asarray([[1] * 3 + [2] * 6 + [3]])
+  want = [1, 0, 2, 0, 1, 0, 0, 0, 1, 1]
+  assert abacus.digit_index(CFG, toks, segment_ids=seg)[0][0].tolist() == want
+  assert np.asarray(abacus.digit_index(CFG, jnp.asarray(toks), segment_ids=jnp.asarray(seg))[0]
+                    )[0].tolist() == want
+  assert abacus.digit_index(CFG, toks)[0][0].tolist()[4] == 3  # Without segments: one number.
+  # The training loss sees the same indices as the examples run alone.
+  from starjax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  params = jax.tree.map(lambda x: x * 5.0 if x.ndim >= 2 else x,
+                        models.init_params(CFG, jax.random.key(2)))
+  exs = [batching.completion_example(TOK.encode("1 2"), TOK.encode(" 3 4")),
+         batching.completion_example(TOK.encode("5 6"), TOK.encode(" 7 8"))]
+  packed = {k: jnp.asarray(v) for k, v in batching.make_rows(exs, 16, TOK.pad_id,
+                                                             pack=True).items()}
+  assert packed["segment_ids"][0].max() == 2  # Both examples share one row.
+  alone = [step_lib.lm_loss(CFG, params, {k: jnp.asarray(v) for k, v in batching.make_rows(
+      [e], 16, TOK.pad_id, pack=True).items()})[1] for e in exs]
+  _, stats = step_lib.lm_loss(CFG, params, packed)
+  np.testing.assert_allclose(float(stats["loss_sum"]),
+                             sum(float(a["loss_sum"]) for a in alone), rtol=1e-5)
+
+
+def test_cached_calls_after_slot_0_need_digit_indices():
+  params = models.init_params(CFG, jax.random.key(0))
+  cache = models.llama.init_cache(CFG, 1, 8)
+  with pytest.raises(ValueError, match="digit_index"):
+    models.llama.Transformer(CFG).apply({"params": params}, jnp.zeros((1, 1), jnp.int32),
+                                        jnp.zeros((1, 1), jnp.int32), cache=cache,
+                                        cache_index=jnp.int32(3))
+  with pytest.raises(ValueError, match="pad_id"):
+    generate_tokens(CFG, params, [TOK.encode("1 2")],
+                    DecodeConfig(max_new_tokens=2, greedy=True, pad_id=DIGITS[0]))

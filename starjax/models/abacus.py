@@ -8,6 +8,11 @@ the token embedding, so "the digit of the previous line with my index" is a cont
 does not depend on how wide the numbers are, which absolute or rotary positions cannot give a
 small model trained only on narrow numbers.
 
+Unlike McLeish et al., who write numbers least significant digit first, the index here counts
+from the left (the STaR scratchpad writes numbers most significant first, and the index must be
+known when a digit is generated), so equal indices line up equal place values only between
+numbers of equal width, which is the case of the demo's operands.
+
 Training adds a random offset per example to every nonzero index (`ModelConfig.digit_offset`),
 so indices beyond the widths seen in training are still trained; inference uses offset 0.
 
@@ -36,7 +41,8 @@ def _is(tokens: Array, ids: tuple[int, ...], xp: Any) -> Array:
 
 
 def digit_index(cfg: ModelConfig, tokens: Array, offset: Array | int = 0,
-                start: Array | int = 0) -> tuple[Array, Array]:
+                start: Array | int = 0, segment_ids: Array | None = None
+                ) -> tuple[Array, Array]:
   """Digit indices of a token sequence, and each row's run length after its last token.
 
   Args:
@@ -44,6 +50,7 @@ def digit_index(cfg: ModelConfig, tokens: Array, offset: Array | int = 0,
     tokens: int (..., T) token ids (numpy or jax).
     offset: added to every nonzero index; broadcastable to `tokens` (e.g. one value per example).
     start: the run length before the first token, shape (...,) (0 at the start of a text).
+    segment_ids: optional (..., T) ids of packed examples; a change of segment ends a number.
 
   Returns:
     (index (..., T) int32 with 0 for non-digits, run length (...,) int32 after the last token).
@@ -51,9 +58,16 @@ def digit_index(cfg: ModelConfig, tokens: Array, offset: Array | int = 0,
   xp = np if isinstance(tokens, np.ndarray) else jnp
   is_digit = _is(tokens, cfg.digit_ids, xp)
   ends = ~is_digit & ~_is(tokens, cfg.digit_separator_ids, xp)
+  first = None
+  if segment_ids is not None:  # A packed example's first token starts afresh.
+    first = xp.concatenate([xp.zeros(segment_ids.shape[:-1] + (1,), bool),
+                            segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+    ends = ends | first
   count = xp.cumsum(is_digit.astype(np.int32), axis=-1) + xp.asarray(start, np.int32)[..., None]
   # Run length = digits so far minus the digit count at the last token that ended a number.
   at_end = xp.where(ends, count, 0)
+  if first is not None:  # The run restarts *before* a segment's first token, which may be a digit.
+    at_end = xp.where(first, count - is_digit.astype(np.int32), at_end)
   last_end = (np.maximum.accumulate(at_end, axis=-1) if xp is np
               else jax.lax.cummax(at_end, axis=at_end.ndim - 1))
   run = count - last_end

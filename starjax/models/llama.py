@@ -227,16 +227,17 @@ class Transformer(nn.Module):
                               dot_general=_dot_general(cfg),
                               kernel_init=_init(cfg, ("embed", "vocab")), name="lm_head")
 
-  def embed_tokens(self, tokens: Array, digit_index: Array | None = None) -> Array:
+  def embed_tokens(self, tokens: Array, digit_index: Array | None = None,
+                   segment_ids: Array | None = None) -> Array:
     """Token ids (B, T) -> embeddings (B, T, dim) in the compute dtype.
 
     With digit-index embeddings (`cfg.digit_positions`), `digit_index` (B, T) is added; None
-    computes it from `tokens` as the start of a text with offset 0.
+    computes it from `tokens` (and packed `segment_ids`) as the start of a text, offset 0.
     """
     x = self.embed(tokens)
     if self.cfg.digit_positions:
       if digit_index is None:
-        digit_index, _ = abacus.digit_index(self.cfg, tokens)
+        digit_index, _ = abacus.digit_index(self.cfg, tokens, segment_ids=segment_ids)
       x = x + self.digit_embed(jnp.minimum(digit_index, self.cfg.digit_positions - 1))
     return x
 
@@ -266,22 +267,28 @@ class Transformer(nn.Module):
     Args:
       tokens: int (B, T) token ids, or None when `inputs_embeds` is given.
       positions: int (B, T) explicit positions; negative marks padding.
-      inputs_embeds: optional (B, T, dim) embeddings used instead of `tokens`.
+      inputs_embeds: optional (B, T, dim) embeddings used instead of `tokens` (no digit-index
+        embedding is added to them).
       segment_ids: optional int (B, T) for packed rows (0 = padding). Ignored with a cache.
       attn_mask: optional explicit bool (B, T, S) mask or float additive bias that replaces the
         position-derived causal mask (S = T, or the cache length with a cache).
       cache: optional KV cache (see module docstring); the new keys are written at `cache_index`.
       cache_index: slot at which to write the T new keys/values.
       digit_index: optional int (B, T) digit indices (`starjax.models.abacus`) for a model with
-        digit-index embeddings; None computes them from `tokens` as if they started a text
-        (right for training rows and prefill; a decoding step must pass them).
+        digit-index embeddings; None computes them from `tokens` (and `segment_ids`) as if
+        they started a text: right for training rows and a prefill at slot 0; any other cached
+        call must pass them (an error otherwise).
 
     Returns:
       ModelOutput with logits, final hidden states and the updated cache.
     """
     cfg = self.cfg
-    x = self.embed_tokens(tokens, digit_index) if inputs_embeds is None else inputs_embeds.astype(
-        activation_dtype(cfg))
+    if (cfg.digit_positions and cache is not None and digit_index is None
+        and not (isinstance(cache_index, int) and cache_index == 0)):
+      raise ValueError("A model with digit-index embeddings needs digit_index for a cached call "
+                       "after slot 0 (abacus.digit_step gives it token by token).")
+    x = (self.embed_tokens(tokens, digit_index, None if cache is not None else segment_ids)
+         if inputs_embeds is None else inputs_embeds.astype(activation_dtype(cfg)))
     x = apply_names(x, ("activation_batch", "activation_length", "activation_embed"))
     positions = positions.astype(jnp.int32)
     new_cache = None

@@ -8,9 +8,10 @@ loadable by `starjax.models.forward` and the layer loop can mix base and thought
 Step k >= 1 runs the whole decoder on L rows at once (row t = the thought branch of position t, at
 position id t + k). Its attention sees the base keys (causal, padding-masked) and the row's own keys
 from steps 1..k (see `quiet_star.attention`). Thought keys/values live in a per-layer buffer
-(n_layers, S - 1, B, L, K, D) carried through `lax.scan` over steps; each step is rematerialised.
-Note: scan keeps the carried buffer once per step for the backward pass (O(S^2 L) key/value
-memory); the step activations themselves are recomputed.
+(n_layers, S - 1, B, L, K, D) carried through `lax.scan` over steps. The backward pass goes
+through a custom VJP (`_thought_steps`) that recomputes each step from the final buffer, so it
+keeps one buffer, not one per step (autodiff of the scan, `step_vjp=False`, keeps the carry of
+every step: O(S^2 L) key/value memory).
 """
 
 from __future__ import annotations
@@ -310,9 +311,9 @@ def _thought_steps(choose_fn: Callable[..., Array], cfg: QuietStarConfig, model_
   """`_run_steps` with a backward pass in O(one K/V buffer) memory.
 
   Autodiff of the step scan keeps the scan carry, the thought K/V buffers of every layer, at every
-  step: O(S^2 L) memory, the largest item of a training step. But step k only reads buffer slots
-  < k (the rest are masked) and writes slot k - 1, so its input buffer equals the *final* buffer
-  restricted to those slots. The backward therefore runs the steps in reverse on the final
+  step: O(S^2 L) memory, the largest item of a training step. But step k reads only slots < k
+  (the rest are masked), after writing slot k - 1 itself, so what it reads from its input buffer
+  (slots < k - 1) is unchanged in the *final* buffer. The backward therefore runs the steps in reverse on the final
   buffer, recomputing each step (as `jax.checkpoint` would) with the tokens the forward chose,
   and carries one accumulated cotangent buffer: slot k - 1's cotangent is complete once every
   later step has added its share, and is then pushed through step k.

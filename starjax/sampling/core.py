@@ -199,6 +199,9 @@ def _generate_local(cfg: ModelConfig, dc: DecodeConfig, params: Any, prompts: ja
                     positions: jax.Array, sample_keys: jax.Array) -> dict[str, jax.Array]:
   """Per-device work: prefill (B, P) prompts once, then vmap the decode loop over K samples."""
   b, plen = prompts.shape
+  if cfg.digit_positions and dc.pad_id in cfg.digit_ids:
+    raise ValueError(f"pad_id {dc.pad_id} is a digit token: left padding would join the prompt's "
+                     "first number (digit-index embeddings).")
   cache = llama.init_cache(cfg, b, plen + dc.max_new_tokens)
   out = llama.Transformer(cfg).apply({"params": params}, prompts, positions, cache=cache,
                                      cache_index=0)

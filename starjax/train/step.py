@@ -31,7 +31,8 @@ def lm_loss(cfg: ModelConfig, params: Any, batch: Batch) -> tuple[jax.Array, dic
   """
   digit_index = None
   if cfg.digit_positions and "digit_offset" in batch:
-    digit_index, _ = abacus.digit_index(cfg, batch["inputs"], batch["digit_offset"])
+    digit_index, _ = abacus.digit_index(cfg, batch["inputs"], batch["digit_offset"],
+                                        segment_ids=batch.get("segment_ids"))
   out = Transformer(cfg).apply({"params": params}, batch["inputs"], batch["positions"],
                                segment_ids=batch.get("segment_ids"), digit_index=digit_index)
   return losses.masked_cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
