@@ -59,7 +59,8 @@ at temperature 1 on 3-4 digit train questions, which never contained a correct o
   ("4 4 5 4 + , C: 0" / "4 + 4 , 9 C: 0" for a 3-digit sum). With the zero-padded widths above as
   well, 800 steps leave even 2-digit sums at 0.00 (loss 0.20). With one scratchpad length in the
   seed (1-digit sums have no step line), nothing tells a model trained from scratch that the
-  number of lines follows the number of digits.
+  number of lines follows the number of digits. (The index counts from the most significant
+  digit, as the scratchpad writes numbers; McLeish et al. reverse the digits instead.)
 Next: a model that length-generalizes copying (e.g. a larger model trained longer, or position
 coupling / index hints in the seed data), or a pretrained base (`config.base.pretrained`), which
 is what the paper's few-shot GPT-J brings.
