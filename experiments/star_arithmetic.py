@@ -61,6 +61,13 @@ at temperature 1 on 3-4 digit train questions, which never contained a correct o
   seed (1-digit sums have no step line), nothing tells a model trained from scratch that the
   number of lines follows the number of digits. (The index counts from the most significant
   digit, as the scratchpad writes numbers; McLeish et al. reverse the digits instead.)
+- Zero-padded widths 1-5 together with scaffold examples (another problem's arithmetic, masked)
+  for 3-5 digits, no digit-index embedding: the layout is now right at every width (operands
+  copied, one digit dropped per line, a sum digit on every line, e.g. "4 0 7 2 + 8 3 0 9 , C: 0"
+  / "4 0 7 + 8 3 0 , 7 C: 1" / ...), but the sum digits are wrong, and 2-digit accuracy fell to
+  0.03 (800 scaffolds per digit count, 1200 steps), 0.00 (300 scaffolds, 1600 steps) and 0.00
+  with a 4-layer width-128 model (1200 steps): the arithmetic learned on the unpadded seed does
+  not survive the mixture in these budgets.
 Next: a model that length-generalizes copying (e.g. a larger model trained longer, or position
 coupling / index hints in the seed data), or a pretrained base (`config.base.pretrained`), which
 is what the paper's few-shot GPT-J brings.
