@@ -66,8 +66,9 @@ at temperature 1 on 3-4 digit train questions, which never contained a correct o
   copied, one digit dropped per line, a sum digit on every line, e.g. "4 0 7 2 + 8 3 0 9 , C: 0"
   / "4 0 7 + 8 3 0 , 7 C: 1" / ...), but the sum digits are wrong, and 2-digit accuracy fell to
   0.03 (800 scaffolds per digit count, 1200 steps), 0.00 (300 scaffolds, 1600 steps) and 0.00
-  with a 4-layer width-128 model (1200 steps): the arithmetic learned on the unpadded seed does
-  not survive the mixture in these budgets.
+  with a 4-layer width-128 model (1200 steps), and 0.00 with most 2-digit seeds left unpadded
+  (widths weighted 5:1 toward their own width, 500 scaffolds, 1200 steps): the arithmetic does
+  not survive the mixture in these budgets (scaffolds did the same to it in stop 11's runs).
 Next: a model that length-generalizes copying (e.g. a larger model trained longer, or position
 coupling / index hints in the seed data), or a pretrained base (`config.base.pretrained`), which
 is what the paper's few-shot GPT-J brings.
