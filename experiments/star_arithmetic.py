@@ -69,6 +69,8 @@ at temperature 1 on 3-4 digit train questions, which never contained a correct o
   with a 4-layer width-128 model (1200 steps), and 0.00 with most 2-digit seeds left unpadded
   (widths weighted 5:1 toward their own width, 500 scaffolds, 1200 steps): the arithmetic does
   not survive the mixture in these budgets (scaffolds did the same to it in stop 11's runs).
+  Padded widths alone, 2000 steps (9.5 min): 2-digit 0.00 as well, and wider operands still
+  copied with leading zeros ("0 4 3 + 0 4 9" for a 3-digit sum).
 Next: a model that length-generalizes copying (e.g. a larger model trained longer, or position
 coupling / index hints in the seed data), or a pretrained base (`config.base.pretrained`), which
 is what the paper's few-shot GPT-J brings.
