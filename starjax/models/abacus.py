@@ -41,15 +41,13 @@ def _is(tokens: Array, ids: tuple[int, ...], xp: Any) -> Array:
 
 
 def digit_index(cfg: ModelConfig, tokens: Array, offset: Array | int = 0,
-                start: Array | int = 0, segment_ids: Array | None = None
-                ) -> tuple[Array, Array]:
+                segment_ids: Array | None = None) -> tuple[Array, Array]:
   """Digit indices of a token sequence, and each row's run length after its last token.
 
   Args:
     cfg: the model config (its `digit_ids` and `digit_separator_ids`).
     tokens: int (..., T) token ids (numpy or jax).
     offset: added to every nonzero index; broadcastable to `tokens` (e.g. one value per example).
-    start: the run length before the first token, shape (...,) (0 at the start of a text).
     segment_ids: optional (..., T) ids of packed examples; a change of segment ends a number.
 
   Returns:
@@ -63,7 +61,7 @@ def digit_index(cfg: ModelConfig, tokens: Array, offset: Array | int = 0,
     first = xp.concatenate([xp.zeros(segment_ids.shape[:-1] + (1,), bool),
                             segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
     ends = ends | first
-  count = xp.cumsum(is_digit.astype(np.int32), axis=-1) + xp.asarray(start, np.int32)[..., None]
+  count = xp.cumsum(is_digit.astype(np.int32), axis=-1)
   # Run length = digits so far minus the digit count at the last token that ended a number.
   at_end = xp.where(ends, count, 0)
   if first is not None:  # The run restarts *before* a segment's first token, which may be a digit.

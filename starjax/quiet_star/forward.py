@@ -271,6 +271,16 @@ def _step_input(lm: Params, start: Array, end: Array, tokens: Array, step: Array
   return jnp.where(step == 1, start, jnp.where(step == cfg.end_step, end, x))
 
 
+def _step(lm: Params, start: Array, end: Array, base_k: Array, base_v: Array, tokens: Array,
+          valid: Array, buf_k: Array, buf_v: Array, step: Array, prev: Array,
+          cfg: QuietStarConfig, model_cfg: ModelConfig) -> tuple[Array, Array, Array, Array]:
+  """One thought/talk step: (hidden, suppressed float32 logits, buf_k, buf_v)."""
+  x = _step_input(lm, start, end, tokens, step, prev, cfg, model_cfg)
+  base = BaseOutputs(hidden=None, logits=None, k=base_k, v=base_v)
+  h, buf_k, buf_v = thought_step(lm, x, step, base, valid, buf_k, buf_v, model_cfg)
+  return h, suppress(logits_from_hidden(lm, h, model_cfg), cfg.suppress_ids), buf_k, buf_v
+
+
 def _token_logp(logits: Array, tok: Array, cfg: QuietStarConfig) -> Array:
   logp = jax.nn.log_softmax(logits / cfg.reinforce_temperature, axis=-1)
   return jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0]
@@ -284,14 +294,12 @@ def _run_steps(choose: Chooser, cfg: QuietStarConfig, model_cfg: ModelConfig, lm
   b, n = tokens.shape
   n_steps = cfg.n_steps
   dt = model_cfg.compute_dtype
-  base = BaseOutputs(hidden=None, logits=None, k=base_k, v=base_v)
   buf_shape = (model_cfg.n_layers, n_steps - 1, b, n, model_cfg.n_kv_heads, model_cfg.head_dim)
 
   def body(carry, step):
     buf_k, buf_v, prev = carry
-    x = _step_input(lm, start, end, tokens, step, prev, cfg, model_cfg)
-    h, buf_k, buf_v = thought_step(lm, x, step, base, valid, buf_k, buf_v, model_cfg)
-    logits = suppress(logits_from_hidden(lm, h, model_cfg), cfg.suppress_ids)
+    h, logits, buf_k, buf_v = _step(lm, start, end, base_k, base_v, tokens, valid, buf_k, buf_v,
+                                    step, prev, cfg, model_cfg)
     tok = choose(step, jax.lax.stop_gradient(logits)).astype(jnp.int32)
     return (buf_k, buf_v, tok), (h, tok, _token_logp(logits, tok, cfg))
 
@@ -313,10 +321,10 @@ def _thought_steps(choose_fn: Callable[..., Array], cfg: QuietStarConfig, model_
   Autodiff of the step scan keeps the scan carry, the thought K/V buffers of every layer, at every
   step: O(S^2 L) memory, the largest item of a training step. But step k reads only slots < k
   (the rest are masked), after writing slot k - 1 itself, so what it reads from its input buffer
-  (slots < k - 1) is unchanged in the *final* buffer. The backward therefore runs the steps in reverse on the final
-  buffer, recomputing each step (as `jax.checkpoint` would) with the tokens the forward chose,
-  and carries one accumulated cotangent buffer: slot k - 1's cotangent is complete once every
-  later step has added its share, and is then pushed through step k.
+  (slots < k - 1) is unchanged in the *final* buffer. The backward therefore runs the steps in
+  reverse on the final buffer, recomputing each step (as `jax.checkpoint` would) with the tokens
+  the forward chose, and carries one accumulated cotangent buffer: slot k - 1's cotangent is
+  complete once every later step has added its share, and is then pushed through step k.
   """
   ys, _ = _run_steps(lambda s, z: choose_fn(s, z, *consts), cfg, model_cfg, lm, start, end,
                      base_k, base_v, tokens, valid)
@@ -338,10 +346,8 @@ def _thought_steps_bwd(choose_fn, cfg, model_cfg, res, cotangents):
 
   def step_fn(diff, step, prev, tok):
     lm_, start_, end_, bk, bv, fk, fv = diff
-    x = _step_input(lm_, start_, end_, tokens, step, prev, cfg, model_cfg)
-    base = BaseOutputs(hidden=None, logits=None, k=bk, v=bv)
-    h, fk, fv = thought_step(lm_, x, step, base, valid, fk, fv, model_cfg)
-    logits = suppress(logits_from_hidden(lm_, h, model_cfg), cfg.suppress_ids)
+    h, logits, fk, fv = _step(lm_, start_, end_, bk, bv, tokens, valid, fk, fv, step, prev, cfg,
+                              model_cfg)
     slot = step - 1
     return (h, _token_logp(logits, tok, cfg), jax.lax.dynamic_index_in_dim(fk, slot, 1, False),
             jax.lax.dynamic_index_in_dim(fv, slot, 1, False))
@@ -356,9 +362,9 @@ def _thought_steps_bwd(choose_fn, cfg, model_cfg, res, cotangents):
     dv = jax.lax.dynamic_index_in_dim(d_buf_v, slot, 1, False)
     (g,) = vjp((dh, dlp, dk, dv))
     *g_rest, g_fk, g_fv = g
-    # Slot `slot` is fully accounted for (step k overwrote it); earlier slots gain step k's share.
-    d_buf_k = jax.lax.dynamic_update_index_in_dim(d_buf_k, jnp.zeros_like(dk), slot, 1) + g_fk
-    d_buf_v = jax.lax.dynamic_update_index_in_dim(d_buf_v, jnp.zeros_like(dv), slot, 1) + g_fv
+    # Earlier slots gain step k's share (g_f* is 0 from `slot` on: step k overwrote that slot and
+    # masks the later ones); slots >= `slot` are consumed and never read again.
+    d_buf_k, d_buf_v = d_buf_k + g_fk, d_buf_v + g_fv
     grads = jax.tree.map(jnp.add, grads, tuple(g_rest))
     return (grads, d_buf_k, d_buf_v), None
 

@@ -145,7 +145,7 @@ def stopped(tokens: jax.Array, step: jax.Array, dc: DecodeConfig) -> jax.Array:
 
 def _decode_samples(cfg: ModelConfig, dc: DecodeConfig, params: Any, cache: llama.Cache,
                     first_logits: jax.Array, next_pos: jax.Array, prompt_len: int,
-                    digit_run: jax.Array, keys: jax.Array) -> dict[str, jax.Array]:
+                    digit_run: jax.Array | None, keys: jax.Array) -> dict[str, jax.Array]:
   """Decode loop for one sample per row. keys: (R,) per-row sample keys; digit_run: (R,) the
   prompts' digit run lengths (`abacus.digit_index`), carried for digit-index embeddings."""
   r, n = first_logits.shape[0], dc.max_new_tokens
@@ -203,10 +203,12 @@ def _generate_local(cfg: ModelConfig, dc: DecodeConfig, params: Any, prompts: ja
     raise ValueError(f"pad_id {dc.pad_id} is a digit token: left padding would join the prompt's "
                      "first number (digit-index embeddings).")
   cache = llama.init_cache(cfg, b, plen + dc.max_new_tokens)
+  digit_index = digit_run = None
+  if cfg.digit_positions:  # Left padding ends any run: no effect on the prompts' indices.
+    digit_index, digit_run = abacus.digit_index(cfg, prompts)
   out = llama.Transformer(cfg).apply({"params": params}, prompts, positions, cache=cache,
-                                     cache_index=0)
+                                     cache_index=0, digit_index=digit_index)
   next_pos = jnp.max(positions, axis=1) + 1
-  _, digit_run = abacus.digit_index(cfg, prompts)  # Left padding ends any run: no effect.
   decode = functools.partial(_decode_samples, cfg, dc, params, out.cache, out.logits[:, -1],
                              next_pos, plen, digit_run)
   res = jax.vmap(decode, in_axes=1, out_axes=1)(sample_keys)  # keys (B, K) -> outputs (B, K, .)
