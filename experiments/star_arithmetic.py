@@ -71,6 +71,15 @@ at temperature 1 on 3-4 digit train questions, which never contained a correct o
   not survive the mixture in these budgets (scaffolds did the same to it in stop 11's runs).
   Padded widths alone, 2000 steps (9.5 min): 2-digit 0.00 as well, and wider operands still
   copied with leading zeros ("0 4 3 + 0 4 9" for a 3-digit sum).
+- Line/column positions (RoPE position = line * 64 + column, a probe of 2026-12-02 on the AMD
+  machine, seed otherwise unchanged), so that copying a digit from the line above is always the
+  same offset (64) at every width: 2-digit 1.00, and 3-digit operands are now copied digit for
+  digit, but the "+" is still placed by column ("1 1 3 0 7" for 113 + 714), 3-4 digits 0.00.
+  Adding all 1+2 / 2+1 digit mixed-width rationales (1620) broke the units digit (2-digit 0.37):
+  in this MSB-first layout the last digit of the first operand sits 2 * (width of the second)
+  + 2 columns before the new sum digit, so no single offset finds it at every width. Making every
+  lookup a fixed offset needs position ids by digit significance (position coupling, Cho et al.
+  2024), which are not monotone in the sequence and so need a causal mask by slot, not position.
 Next: a model that length-generalizes copying (e.g. a larger model trained longer, or position
 coupling / index hints in the seed data), or a pretrained base (`config.base.pretrained`), which
 is what the paper's few-shot GPT-J brings.
