@@ -147,7 +147,8 @@ def _decode_samples(cfg: ModelConfig, dc: DecodeConfig, params: Any, cache: llam
                     first_logits: jax.Array, next_pos: jax.Array, prompt_len: int,
                     digit_run: jax.Array | None, keys: jax.Array) -> dict[str, jax.Array]:
   """Decode loop for one sample per row. keys: (R,) per-row sample keys; digit_run: (R,) the
-  prompts' digit run lengths (`abacus.digit_index`), carried for digit-index embeddings."""
+  prompts' digit run lengths (`abacus.digit_index`), carried for digit-index embeddings (None
+  for a model without them)."""
   r, n = first_logits.shape[0], dc.max_new_tokens
   # Per-layer weights and cache, split once: the loop body runs the layers unrolled.
   layers = llama.unstack_layers(params, cfg.n_layers)
