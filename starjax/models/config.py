@@ -45,6 +45,9 @@ class ModelConfig:
     digit_separator_ids: tokens allowed between the digits of one number (e.g. the space).
     digit_offset: training draws a random offset in [0, digit_offset] per example for the digit
       indices, so wide numbers' indices are trained on narrow ones; inference uses 0.
+    position_coupling: position ids chosen from the task's structure instead of 0, 1, 2, ...
+      ("arithmetic": `starjax.data.arithmetic_positions`, byte tokenizer); training rows and the
+      sampler compute them from the tokens (`starjax.models.positions`). "" = plain positions.
   """
 
   vocab_size: int
@@ -68,6 +71,7 @@ class ModelConfig:
   digit_ids: tuple[int, ...] = ()
   digit_separator_ids: tuple[int, ...] = ()
   digit_offset: int = 0
+  position_coupling: str = ""
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -88,6 +92,9 @@ class ModelConfig:
     if self.digit_offset < 0 or (self.digit_offset and self.digit_offset >= self.digit_positions):
       raise ValueError(f"digit_offset={self.digit_offset} must be in [0, digit_positions="
                        f"{self.digit_positions}).")
+    if self.position_coupling not in ("", "arithmetic"):
+      raise ValueError(f"position_coupling={self.position_coupling!r}; expected '' or "
+                       "'arithmetic'.")
     for field in ("digit_ids", "digit_separator_ids"):  # Lists from configs: keep it hashable.
       object.__setattr__(self, field, tuple(int(i) for i in getattr(self, field)))
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):

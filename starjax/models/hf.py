@@ -201,6 +201,9 @@ def config_to_hf(cfg: ModelConfig, architecture: str | None = None,
   if cfg.digit_positions:
     raise ValueError("cfg.digit_positions > 0 (digit-index embeddings); HF Llama/Mistral/Qwen2 "
                      "have no such table.")
+  if cfg.position_coupling:
+    raise ValueError(f"cfg.position_coupling={cfg.position_coupling!r}: the model was trained on "
+                     "task-coupled position ids, which HF generation would not feed it.")
   if architecture == "Qwen2ForCausalLM" and not cfg.qkv_bias:
     raise ValueError("Qwen2ForCausalLM always has q/k/v biases; cfg.qkv_bias is False.")
   if architecture != "Qwen2ForCausalLM" and cfg.qkv_bias:

@@ -156,9 +156,9 @@ def step_positions(batch: int, length: int, step: Array | int) -> Array:
 def base_pass(lm: Params, tokens: Array, valid: Array, model_cfg: ModelConfig) -> BaseOutputs:
   """The causal pass over `tokens` (B, L); `valid` (B, L) marks real tokens (others are keys no
   row attends to). Equals `starjax.models.forward` on every valid row."""
-  if model_cfg.digit_positions:
-    raise NotImplementedError("Quiet-STaR does not support digit-index embeddings "
-                              "(model.digit_positions > 0).")
+  if model_cfg.digit_positions or model_cfg.position_coupling:
+    raise NotImplementedError("Quiet-STaR does not support digit-index embeddings or coupled "
+                              "positions (model.digit_positions, model.position_coupling).")
   b, n = tokens.shape
   positions = step_positions(b, n, 0)
   mask = qs_attn.base_block_mask(valid, 0, model_cfg.sliding_window)

@@ -178,9 +178,10 @@ def compiled_generate(cfg: QuietStarConfig, model_cfg: ModelConfig, dc: DecodeCo
   (B, N, M), lengths, finished (B,), and logits (B, N, V) float32 if `with_logits`.
   `fast_compile` turns XLA's backend optimisation off (for tests of tiny models).
   """
-  if model_cfg.digit_positions:
-    raise NotImplementedError("Quiet-STaR generation does not support digit-index embeddings "
-                              "(model.digit_positions > 0).")
+  if model_cfg.digit_positions or model_cfg.position_coupling:
+    raise NotImplementedError("Quiet-STaR generation does not support digit-index embeddings or "
+                              "coupled positions (model.digit_positions, "
+                              "model.position_coupling).")
   fn = functools.partial(_generate_local, cfg=cfg, model_cfg=model_cfg.replace(remat="none"),
                          dc=dc, thoughts=thoughts, with_logits=with_logits)
   if fast_compile:

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from starjax.models import abacus, llama
+from starjax.models import positions as positions_lib
 from starjax.models.config import ModelConfig
 
 NEG_INF = -1e30
@@ -145,10 +146,12 @@ def stopped(tokens: jax.Array, step: jax.Array, dc: DecodeConfig) -> jax.Array:
 
 def _decode_samples(cfg: ModelConfig, dc: DecodeConfig, params: Any, cache: llama.Cache,
                     first_logits: jax.Array, next_pos: jax.Array, prompt_len: int,
-                    digit_run: jax.Array | None, keys: jax.Array) -> dict[str, jax.Array]:
+                    digit_run: jax.Array | None, coupling: jax.Array,
+                    keys: jax.Array) -> dict[str, jax.Array]:
   """Decode loop for one sample per row. keys: (R,) per-row sample keys; digit_run: (R,) the
   prompts' digit run lengths (`abacus.digit_index`), carried for digit-index embeddings (None
-  for a model without them)."""
+  for a model without them); coupling: (R, F) the position state after each prompt
+  (`positions.prompt_positions`), stepped for a model with coupled positions."""
   r, n = first_logits.shape[0], dc.max_new_tokens
   # Per-layer weights and cache, split once: the loop body runs the layers unrolled.
   layers = llama.unstack_layers(params, cfg.n_layers)
@@ -177,9 +180,11 @@ def _decode_samples(cfg: ModelConfig, dc: DecodeConfig, params: Any, cache: llam
     if cfg.digit_positions:
       digit_index, new["digit_run"] = abacus.digit_step(cfg, tok, carry["digit_run"])
       digit_index = digit_index[:, None]
-    logits, cache = llama.decode_unrolled(cfg, params, layers, tok[:, None],
-                                          (next_pos + step)[:, None], carry["cache"],
-                                          prompt_len + step, digit_index)
+    pos = next_pos + step
+    if cfg.position_coupling:
+      pos, new["coupling"] = positions_lib.decode_step(cfg, carry["coupling"], tok)
+    logits, cache = llama.decode_unrolled(cfg, params, layers, tok[:, None], pos[:, None],
+                                          carry["cache"], prompt_len + step, digit_index)
     return {"step": step + 1, "cache": cache, "logits": logits[:, 0], "tokens": tokens,
             "logprobs": logps, "lengths": lengths, "done": done, "finished": carry["finished"]
             | ended, **new}
@@ -192,13 +197,19 @@ def _decode_samples(cfg: ModelConfig, dc: DecodeConfig, params: Any, cache: llam
   }
   if cfg.digit_positions:
     carry["digit_run"] = digit_run
+  if cfg.position_coupling:
+    carry["coupling"] = coupling
   carry = jax.lax.while_loop(cond, body, carry)
   return {k: carry[k] for k in ("tokens", "logprobs", "lengths", "finished")}
 
 
 def _generate_local(cfg: ModelConfig, dc: DecodeConfig, params: Any, prompts: jax.Array,
-                    positions: jax.Array, sample_keys: jax.Array) -> dict[str, jax.Array]:
-  """Per-device work: prefill (B, P) prompts once, then vmap the decode loop over K samples."""
+                    positions: jax.Array, coupling: jax.Array, sample_keys: jax.Array
+                    ) -> dict[str, jax.Array]:
+  """Per-device work: prefill (B, P) prompts once, then vmap the decode loop over K samples.
+
+  coupling: (B, F) position state after each prompt (F = 0 for plain positions).
+  """
   b, plen = prompts.shape
   if cfg.digit_positions and dc.pad_id in cfg.digit_ids:
     raise ValueError(f"pad_id {dc.pad_id} is a digit token: left padding would join the prompt's "
@@ -211,7 +222,7 @@ def _generate_local(cfg: ModelConfig, dc: DecodeConfig, params: Any, prompts: ja
                                      cache_index=0, digit_index=digit_index)
   next_pos = jnp.max(positions, axis=1) + 1
   decode = functools.partial(_decode_samples, cfg, dc, params, out.cache, out.logits[:, -1],
-                             next_pos, plen, digit_run)
+                             next_pos, plen, digit_run, coupling)
   res = jax.vmap(decode, in_axes=1, out_axes=1)(sample_keys)  # keys (B, K) -> outputs (B, K, .)
   return res
 
@@ -223,10 +234,10 @@ def compiled_generate(cfg: ModelConfig, dc: DecodeConfig, mesh: Mesh | None):
     return jax.jit(functools.partial(_generate_local, cfg, dc))
   rows = row_sharding(mesh)
   fn = jax.shard_map(functools.partial(_generate_local, cfg, dc), mesh=mesh,
-                     in_specs=(P(), rows.spec, rows.spec, rows.spec), out_specs=rows.spec,
-                     check_vma=False)
+                     in_specs=(P(), rows.spec, rows.spec, rows.spec, rows.spec),
+                     out_specs=rows.spec, check_vma=False)
   replicated = NamedSharding(mesh, P())
-  return jax.jit(fn, in_shardings=(replicated, rows, rows, rows), out_shardings=rows)
+  return jax.jit(fn, in_shardings=(replicated, rows, rows, rows, rows), out_shardings=rows)
 
 
 def row_sharding(mesh: Mesh) -> NamedSharding:

@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from starjax.models import positions as positions_lib
 from starjax.models.config import ModelConfig
 from starjax.parallel import multihost
 from starjax.sampling import core
@@ -112,16 +113,19 @@ def generate_tokens(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[in
                max_cache_len - m)
     toks = np.full((batch_size, plen), dc.pad_id, np.int32)
     pos = np.full((batch_size, plen), -1, np.int32)
+    prompt_pos, prompt_state = positions_lib.prompt_positions(cfg, [prompts[i] for i in chunk])
+    coupling = np.zeros((batch_size, prompt_state.shape[1]), np.int32)
+    coupling[:len(chunk)] = prompt_state
     for r, i in enumerate(chunk):
       p = np.asarray(prompts[i], np.int32)
       toks[r, plen - len(p):] = p
-      pos[r, plen - len(p):] = np.arange(len(p))
+      pos[r, plen - len(p):] = prompt_pos[r]
     # Filler rows (batch padding) get one token so they stay finite; their output is dropped.
     toks[len(chunk):, -1] = dc.pad_id
     pos[len(chunk):, -1] = 0
     row_ids = np.concatenate([ids[chunk], np.full(batch_size - len(chunk), -1)])
     keys = core.sample_keys(seed, jax.numpy.asarray(row_ids, jax.numpy.int32), k)
-    inputs = (toks, pos, keys)
+    inputs = (toks, pos, coupling, keys)
     if multiprocess:  # Every process holds the whole batch; each places its own devices' rows.
       inputs = multihost.global_from_host(inputs, core.row_sharding(mesh))
     res = multihost.to_host(fn(params, *inputs))  # All-gathered when rows span processes.

@@ -6,13 +6,14 @@ to produce (the completion). Row arrays follow next-token prediction: `inputs = 
 are never predicted.
 
 Padded rows hold one example each. Packed rows concatenate examples; `segment_ids` (1, 2, ...;
-0 = padding) keep attention inside each example and `positions` restart at 0 for each one.
+0 = padding) keep attention inside each example and `positions` restart at 0 for each one, or
+come from a `position_fn` (task-coupled positions, `starjax.models.positions`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -40,16 +41,26 @@ def completion_example(prompt: Sequence[int], completion: Sequence[int]) -> Exam
   return Example(list(prompt) + list(completion), [0] * len(prompt) + [1] * len(completion))
 
 
-def _row_arrays(ex: Example, seq_len: int) -> dict[str, np.ndarray] | None:
+PositionFn = Callable[[Sequence[Sequence[int]]], Sequence[np.ndarray]]
+
+
+def _row_arrays(ex: Example, seq_len: int, positions: np.ndarray | None = None
+                ) -> dict[str, np.ndarray] | None:
   toks = np.asarray(ex.tokens, np.int32)
   mask = np.asarray(ex.loss_mask, np.float32)
   if len(toks) < 2:
     return None
   n = min(len(toks) - 1, seq_len)
-  return {
-      "inputs": toks[:n], "targets": toks[1:n + 1], "positions": np.arange(n, dtype=np.int32),
-      "loss_mask": mask[1:n + 1],
-  }
+  pos = np.arange(n, dtype=np.int32) if positions is None else np.asarray(positions[:n], np.int32)
+  return {"inputs": toks[:n], "targets": toks[1:n + 1], "positions": pos,
+          "loss_mask": mask[1:n + 1]}
+
+
+def _parts(examples: Sequence[Example], seq_len: int, position_fn: PositionFn | None
+           ) -> list[dict[str, np.ndarray] | None]:
+  positions = (position_fn([ex.tokens for ex in examples]) if position_fn is not None and examples
+               else [None] * len(examples))
+  return [_row_arrays(ex, seq_len, pos) for ex, pos in zip(examples, positions)]
 
 
 def _empty_rows(n_rows: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -63,14 +74,13 @@ def _empty_rows(n_rows: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]
 
 
 def pad_rows(examples: Sequence[Example], seq_len: int, pad_id: int, *,
-             truncate: bool = True) -> dict[str, np.ndarray]:
+             truncate: bool = True, position_fn: PositionFn | None = None
+             ) -> dict[str, np.ndarray]:
   """One example per row, right-padded (padding: position -1, segment 0, mask 0)."""
-  parts = []
   for i, ex in enumerate(examples):
     if not truncate and len(ex.tokens) - 1 > seq_len:
       raise ValueError(f"Example {i} has {len(ex.tokens)} tokens; rows hold {seq_len + 1}.")
-    parts.append(_row_arrays(ex, seq_len))
-  parts = [p for p in parts if p is not None]
+  parts = [p for p in _parts(examples, seq_len, position_fn) if p is not None]
   rows = _empty_rows(len(parts), seq_len, pad_id)
   for r, p in enumerate(parts):
     n = len(p["inputs"])
@@ -80,9 +90,10 @@ def pad_rows(examples: Sequence[Example], seq_len: int, pad_id: int, *,
   return rows
 
 
-def pack_rows(examples: Sequence[Example], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+def pack_rows(examples: Sequence[Example], seq_len: int, pad_id: int, *,
+              position_fn: PositionFn | None = None) -> dict[str, np.ndarray]:
   """Greedy first-fit packing in the given order; over-long examples are truncated."""
-  parts = [p for p in (_row_arrays(ex, seq_len) for ex in examples) if p is not None]
+  parts = [p for p in _parts(examples, seq_len, position_fn) if p is not None]
   layout: list[list[int]] = []
   fill: list[int] = []
   for i, p in enumerate(parts):
@@ -127,6 +138,9 @@ def jitter_positions(positions: np.ndarray, rng: np.random.Generator, skip_prob:
   return np.where(positions < 0, positions, out).astype(positions.dtype)
 
 
-def make_rows(examples: Sequence[Example], seq_len: int, pad_id: int, *,
-              pack: bool) -> dict[str, np.ndarray]:
-  return pack_rows(examples, seq_len, pad_id) if pack else pad_rows(examples, seq_len, pad_id)
+def make_rows(examples: Sequence[Example], seq_len: int, pad_id: int, *, pack: bool,
+              position_fn: PositionFn | None = None) -> dict[str, np.ndarray]:
+  """Packed or padded rows; `position_fn` maps the examples' token lists to their positions."""
+  if pack:
+    return pack_rows(examples, seq_len, pad_id, position_fn=position_fn)
+  return pad_rows(examples, seq_len, pad_id, position_fn=position_fn)

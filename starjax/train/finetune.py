@@ -15,6 +15,7 @@ import jax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from starjax.models import positions as positions_lib
 from starjax.models.config import ModelConfig
 from starjax.train import batching, optim
 from starjax.train import state as state_lib
@@ -44,6 +45,9 @@ def finetune(cfg: ModelConfig, params: Any, examples: Sequence[batching.Example]
 
   if not examples:
     raise ValueError("No examples to fine-tune on.")
+  if cfg.position_coupling and position_jitter:
+    raise ValueError("position_jitter would scramble the model's coupled positions "
+                     f"(position_coupling={cfg.position_coupling!r}); set it to 0.")
   # A truncated example would lose its EOS (or all its completion tokens): drop it instead.
   kept = [ex for ex in examples if batching.fits(ex, seq_len)]
   if len(kept) < len(examples):
@@ -51,7 +55,8 @@ def finetune(cfg: ModelConfig, params: Any, examples: Sequence[batching.Example]
                 len(examples), seq_len)
   if not kept:
     raise ValueError(f"None of the {len(examples)} examples fits seq_len={seq_len}.")
-  rows = batching.make_rows(kept, seq_len, pad_id, pack=pack)
+  rows = batching.make_rows(kept, seq_len, pad_id, pack=pack,
+                            position_fn=positions_lib.position_fn(cfg))
   source = RowSource(rows, batch_size, seed, mesh, position_jitter, cfg.digit_offset)
   # A constant schedule does not depend on the step count: one compiled step serves every
   # STaR iteration even though their lengths differ.

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from starjax import configs, tokenizers
 from starjax.data import corpora
 from starjax.models import abacus
+from starjax.models import positions as positions_lib
 from starjax.models.config import PRESETS, ModelConfig
 from starjax.parallel import mesh as mesh_lib
 from starjax.parallel import multihost
@@ -229,8 +230,17 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
   data_kwargs = {k: v for k, v in run.data.items() if k != "task"}
   corpus = configs.call_with_config(corpora.BUILDERS[run.data["task"]], data_kwargs, "config.data",
                                     tok=tok)
-  train_rows = batching.make_rows(corpus.train, tc.seq_len, tok.pad_id, pack=tc.pack)
-  eval_rows = batching.make_rows(corpus.eval, tc.seq_len, tok.pad_id, pack=tc.pack)
+  if run.model.position_coupling and not isinstance(tok, tokenizers.ByteTokenizer):
+    raise configs.ConfigError(f"config.model.position_coupling={run.model.position_coupling!r} "
+                              f"needs the byte tokenizer, not {run.tokenizer!r}.")
+  if run.model.position_coupling and tc.position_jitter:
+    raise configs.ConfigError("config.train.position_jitter would scramble the coupled positions "
+                              "of config.model.position_coupling; set one of them only.")
+  position_fn = positions_lib.position_fn(run.model)
+  train_rows = batching.make_rows(corpus.train, tc.seq_len, tok.pad_id, pack=tc.pack,
+                                  position_fn=position_fn)
+  eval_rows = batching.make_rows(corpus.eval, tc.seq_len, tok.pad_id, pack=tc.pack,
+                                 position_fn=position_fn)
   mesh = mesh_lib.make_mesh(run.mesh)
   train_src = RowSource(train_rows, tc.batch_size, tc.data_seed, mesh, tc.position_jitter,
                         run.model.digit_offset)
