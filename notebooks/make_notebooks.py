@@ -154,7 +154,7 @@ print("RESULTS", json.dumps(summary))'''),
           "`experiments/star_arithmetic.py` (`seed_training.model.update(preset=\"small\", "
           "dim=96, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=256, "
           "position_coupling=\"arithmetic\")`, 800 steps, 6000 2-digit seed rationales, "
-          "`scaffold_digits=(3, 4, 5)`, 6 iterations on 1000 questions): about 11 minutes on 2 "
+          "`scaffold_digits=(3, 4, 5)`, 6 iterations on 1000 questions): about 13 minutes on 2 "
           "CPU cores, far less on a TPU runtime; its docstring has the table. `make demo` runs "
           "that experiment."),
   ]

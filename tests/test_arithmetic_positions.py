@@ -142,10 +142,11 @@ def test_coupled_greedy_decoding_equals_full_forward_with_host_positions():
   params = models.init_params(cfg, jax.random.key(0))
   params = jax.tree.map(lambda x: x * 4.0 if x.ndim >= 2 else x, params)
   texts = [ar.prompt(ar.Problem(45, 67)) + "<scratch>\n4 5 + 6 7 , C: 0\n",
-           ar.prompt(ar.Problem(3, 4)) + "<scratch>\n"]
+           ar.prompt(ar.Problem(3, 4)) + "<scratch>\n",
+           ar.prompt_with_hint(ar.Problem(123, 456))]
   prompts = [tok.encode(t, add_bos=True) for t in texts]
   dc = DecodeConfig(max_new_tokens=10, greedy=True)
-  out = generate_tokens(cfg, params, prompts, dc)
+  out = generate_tokens(cfg, params, prompts, dc, batch_size=2)  # Two calls, one filler row.
   fwd = jax.jit(lambda p, t, q: models.forward(cfg, p, t, q).logits)
   for i, prompt in enumerate(prompts):
     seq = list(prompt)
@@ -163,9 +164,27 @@ def test_coupled_greedy_decoding_equals_full_forward_with_host_positions():
       seq.append(tok_t)
 
 
-def test_unknown_scheme_is_an_error():
+def test_ids_still_increase_beyond_the_aligned_width():
+  p = ar.Problem(int("7" * 25), int("8" * 25))  # Wider than MAX_WIDTH: alignment is lost.
+  ids = ap.coupled_positions(ar.example(p))
+  assert (np.diff(ids) > 0).all() and ids.min() == 0
+
+
+def test_bad_settings_are_errors(tmp_path):
   with pytest.raises(ValueError, match="position_coupling"):
     models.preset("tiny", vocab_size=300, position_coupling="columns")
+  with pytest.raises(ValueError, match="sliding_window"):
+    models.preset("tiny", vocab_size=300, position_coupling="arithmetic", sliding_window=64)
+  from starjax import configs  # pylint: disable=g-import-not-at-top
+  from starjax.train import loop  # pylint: disable=g-import-not-at-top
+  c = loop.default_config()
+  c.tokenizer = "byte"
+  c.model.update(preset="tiny", position_coupling="arithmetic")
+  c.data = dict(task="arithmetic", digits=(1, 2))
+  c.train.position_jitter = 0.1
+  with pytest.raises(configs.ConfigError, match="position_jitter"):
+    loop.train_and_evaluate(c, tmp_path / "w")
+  assert not (tmp_path / "w").exists()  # Refused before touching the disk.
 
 
 def test_paths_without_coupled_positions_say_so():

@@ -21,7 +21,10 @@ digits already written keep their ids from line to line (a copy at offset LINE),
 kept digits move one digit pair right (a copy at offset LINE + 2), and a newline takes the id just
 before the next line's first character, so the first operand digit is also a fixed-offset copy.
 The prompt's operand line has the layout of the scratchpad's first line, which copies it at the
-same ids; the result line ("c d d d") and the answer line are right-aligned at S.
+same ids; the result line ("c d d d") and the answer line are right-aligned at S. A digits line
+right after "Target:" (a hint, or a direct answer) is laid out as n + 1 digits ending at S,
+since its width is not known when it starts: a direct answer without a final carry then ends at
+S - 2.
 
 Ids increase along every example, so the causal mask by position is still the causal mask by
 sequence order, and a KV cache needs no change. A character's id depends on it and on what came
@@ -165,11 +168,9 @@ def prompt_widths(text: str) -> tuple[int, int]:
 
 def codes_positions(codes: Any, widths: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
   """Ids of a sequence of character codes (-1 = not a character), and the state after it."""
-  st = as_dict(initial_state(*widths))
-  out = np.empty(len(codes), np.int32)
-  for i, c in enumerate(codes):
-    out[i], st = step(st, np.int32(c))
-  return out, as_array(st)
+  ids, finals = batch_positions(np.asarray(codes, np.int32).reshape(1, -1),
+                                np.asarray([widths], np.int32))
+  return ids[0], finals[0]
 
 
 def coupled_positions(text: str, widths: tuple[int, int] | None = None) -> np.ndarray:
@@ -178,23 +179,27 @@ def coupled_positions(text: str, widths: tuple[int, int] | None = None) -> np.nd
   return codes_positions([ord(c) for c in text], widths)[0]
 
 
-def batch_positions(codes: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def batch_positions(codes: np.ndarray, widths: np.ndarray,
+                    lengths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Ids of R sequences at once, stepping all rows together over time.
 
   Args:
     codes: int (R, T) character codes (-1 = not a character, e.g. BOS, EOS or padding; a row's
       ids past its end are meaningless).
     widths: int (R, 2) the operand widths of each row's prompt.
+    lengths: int (R,) each row's length (default T): the returned state is the one after it.
 
   Returns:
-    (ids (R, T) int32, states (R, T, len(FIELDS)) int32: the state after each position).
+    (ids (R, T) int32, states (R, len(FIELDS)) int32: each row's state after its last token).
   """
   r, t = codes.shape
+  lengths = np.full(r, t) if lengths is None else np.asarray(lengths)
   st = as_dict(np.stack([initial_state(int(a), int(b)) for a, b in widths])
                if r else np.zeros((0, len(FIELDS)), np.int32))
+  finals = as_array(st).copy()  # Rows of length 0 keep the initial state.
   ids = np.empty((r, t), np.int32)
-  states = np.empty((r, t, len(FIELDS)), np.int32)
   for i in range(t):
     ids[:, i], st = step(st, codes[:, i].astype(np.int32))
-    states[:, i] = as_array(st)
-  return ids, states
+    done = lengths == i + 1
+    finals[done] = as_array(st)[done]
+  return ids, finals

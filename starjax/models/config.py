@@ -95,6 +95,10 @@ class ModelConfig:
     if self.position_coupling not in ("", "arithmetic"):
       raise ValueError(f"position_coupling={self.position_coupling!r}; expected '' or "
                        "'arithmetic'.")
+    if self.position_coupling and self.sliding_window is not None:
+      raise ValueError("sliding_window counts position ids, which coupled positions "
+                       f"(position_coupling={self.position_coupling!r}) space out by line; use "
+                       "one of them.")
     for field in ("digit_ids", "digit_separator_ids"):  # Lists from configs: keep it hashable.
       object.__setattr__(self, field, tuple(int(i) for i in getattr(self, field)))
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):

@@ -41,16 +41,18 @@ def state_size(cfg: ModelConfig) -> int:
 
 
 def _coupled(token_lists: Sequence[Sequence[int]]) -> tuple[list[np.ndarray], np.ndarray]:
-  lengths = [len(t) for t in token_lists]
-  codes = np.full((len(token_lists), max(lengths, default=0)), -1, np.int32)
+  lengths = np.asarray([len(t) for t in token_lists], np.int64)
+  codes = np.full((len(token_lists), int(lengths.max(initial=0))), -1, np.int32)
   for i, t in enumerate(token_lists):
     codes[i, :len(t)] = char_codes(np.asarray(t, np.int32))
   widths = np.asarray([_widths(c[:n]) for c, n in zip(codes, lengths)], np.int32).reshape(-1, 2)
-  ids, states = arith.batch_positions(codes, widths)
-  finals = np.stack([states[i, n - 1] if n else arith.initial_state(*widths[i])
-                     for i, n in enumerate(lengths)]) if lengths else np.zeros(
-                         (0, len(arith.FIELDS)), np.int32)
+  ids, finals = arith.batch_positions(codes, widths, lengths)
   return [ids[i, :n] for i, n in enumerate(lengths)], finals
+
+
+def initial_state(cfg: ModelConfig) -> np.ndarray:
+  """The decoder state of an empty sequence ((state_size,) int32)."""
+  return arith.initial_state(0, 0) if cfg.position_coupling else np.zeros(0, np.int32)
 
 
 def position_fn(cfg: ModelConfig):

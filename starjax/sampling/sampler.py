@@ -116,6 +116,8 @@ def generate_tokens(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[in
     prompt_pos, prompt_state = positions_lib.prompt_positions(cfg, [prompts[i] for i in chunk])
     coupling = np.zeros((batch_size, prompt_state.shape[1]), np.int32)
     coupling[:len(chunk)] = prompt_state
+    if prompt_state.shape[1]:  # Filler rows: a fresh state (their output is dropped).
+      coupling[len(chunk):] = positions_lib.initial_state(cfg)
     for r, i in enumerate(chunk):
       p = np.asarray(prompts[i], np.int32)
       toks[r, plen - len(p):] = p

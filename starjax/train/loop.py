@@ -225,17 +225,17 @@ def train_and_evaluate(config: Any, workdir: str | Path) -> dict[str, Any]:
     raise configs.ConfigError(f"config.model.vocab_size={run.model.vocab_size} is smaller than "
                               f"the tokenizer's {tok.vocab_size}.")
   tc = run.train
-  _check_workdir(workdir)
-
-  data_kwargs = {k: v for k, v in run.data.items() if k != "task"}
-  corpus = configs.call_with_config(corpora.BUILDERS[run.data["task"]], data_kwargs, "config.data",
-                                    tok=tok)
   if run.model.position_coupling and not isinstance(tok, tokenizers.ByteTokenizer):
     raise configs.ConfigError(f"config.model.position_coupling={run.model.position_coupling!r} "
                               f"needs the byte tokenizer, not {run.tokenizer!r}.")
   if run.model.position_coupling and tc.position_jitter:
     raise configs.ConfigError("config.train.position_jitter would scramble the coupled positions "
                               "of config.model.position_coupling; set one of them only.")
+  _check_workdir(workdir)
+
+  data_kwargs = {k: v for k, v in run.data.items() if k != "task"}
+  corpus = configs.call_with_config(corpora.BUILDERS[run.data["task"]], data_kwargs, "config.data",
+                                    tok=tok)
   position_fn = positions_lib.position_fn(run.model)
   train_rows = batching.make_rows(corpus.train, tc.seq_len, tok.pad_id, pack=tc.pack,
                                   position_fn=position_fn)
