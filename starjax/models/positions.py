@@ -35,11 +35,6 @@ def _widths(codes: np.ndarray) -> tuple[int, int]:
   return arith.prompt_widths(text)
 
 
-def state_size(cfg: ModelConfig) -> int:
-  """Columns of the per-row decoder state (0 for plain positions)."""
-  return len(arith.FIELDS) if cfg.position_coupling else 0
-
-
 def _coupled(token_lists: Sequence[Sequence[int]]) -> tuple[list[np.ndarray], np.ndarray]:
   lengths = np.asarray([len(t) for t in token_lists], np.int64)
   codes = np.full((len(token_lists), int(lengths.max(initial=0))), -1, np.int32)
@@ -51,7 +46,7 @@ def _coupled(token_lists: Sequence[Sequence[int]]) -> tuple[list[np.ndarray], np
 
 
 def initial_state(cfg: ModelConfig) -> np.ndarray:
-  """The decoder state of an empty sequence ((state_size,) int32)."""
+  """The decoder state of an empty sequence ((len(FIELDS),) int32; (0,) for plain positions)."""
   return arith.initial_state(0, 0) if cfg.position_coupling else np.zeros(0, np.int32)
 
 
