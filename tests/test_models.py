@@ -132,6 +132,32 @@ def test_explicit_mask_equals_default_and_changes_output():
   assert np.abs(np.asarray(d[:, :-1] - a[:, :-1])).max() > 1e-3
 
 
+def test_model_skips_causal_blocks_without_changing_logits_or_grads(monkeypatch):
+  """Training rows take the causal block skip; explicit masks never do. Same logits and
+  parameter gradients on packed rows with padding (blocks of 4 over 11 tokens)."""
+  monkeypatch.setattr(attn_lib, "CAUSAL_BLOCK", 4)
+  cfg = models.preset("tiny")
+  params = _random_params(cfg)
+  tokens = jax.random.randint(jax.random.key(5), (2, 11), 0, cfg.vocab_size)
+  seg = jnp.asarray([[1] * 5 + [2] * 4 + [0] * 2, [1] * 11])
+  pos = jnp.asarray([list(range(5)) + list(range(4)) + [-1, -1], list(range(11))])
+  mask = attn_lib.make_attention_mask(pos, pos, q_seg=seg, k_seg=seg)
+
+  def loss(p, explicit):
+    out = models.forward(cfg, p, tokens, pos, segment_ids=seg,
+                         attn_mask=mask if explicit else None).logits
+    return jnp.where(seg[..., None] > 0, jnp.tanh(out), 0.0).sum(), out
+
+  blocked = jax.jit(jax.value_and_grad(lambda p: loss(p, False), has_aux=True))
+  assert str(jax.make_jaxpr(blocked)(params)).count("custom_vjp_call") >= 3
+  (_, a), ga = blocked(params)
+  (_, b), gb = jax.jit(jax.value_and_grad(lambda p: loss(p, True), has_aux=True))(params)
+  valid = np.asarray(seg) > 0
+  np.testing.assert_allclose(np.asarray(a)[valid], np.asarray(b)[valid], atol=1e-5)
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+
+
 def test_packed_segments_equal_separate_sequences():
   cfg = models.preset("tiny")
   params = _random_params(cfg)
@@ -243,6 +269,34 @@ def test_fast_attention_equals_reference(form):
       q, k, v, mask)
   for name, g, g_ref in zip("qkvb", grads, grads_ref):
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_causal_block_skip_equals_full_mask(monkeypatch, dtype):
+  """With a CausalMask, the blocks above the diagonal are skipped: same values and gradients as
+  the full product on the plain mask (packed segments and padding, a ragged last block)."""
+  monkeypatch.setattr(attn_lib, "CAUSAL_BLOCK", 4)
+  rng = np.random.default_rng(3)
+  t = 14
+  q = jnp.asarray(rng.normal(size=(2, t, 4, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, t, 2, 8)), jnp.float32) for _ in range(2))
+  seg = jnp.asarray([[1] * 6 + [2] * 6 + [0] * 2, [1] * t])
+  pos = jnp.asarray([list(range(6)) * 2 + [-1, -1], list(range(t))])
+  mask = attn_lib.make_attention_mask(pos, pos, q_seg=seg, k_seg=seg)
+  w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+  def loss(m, *a):
+    return (attn_lib.recompute_attention(*a, m, operand_dtype=dtype) * w).sum()
+
+  full = jax.value_and_grad(loss, (1, 2, 3))(mask, q, k, v)
+  jaxpr = jax.make_jaxpr(lambda *a: loss(attn_lib.CausalMask(mask), *a))(q, k, v)
+  blocked = jax.value_and_grad(lambda m, *a: loss(attn_lib.CausalMask(m), *a), (1, 2, 3))(
+      mask, q, k, v)
+  assert str(jaxpr).count("custom_vjp_call") == 4  # ceil(14 / 4) query blocks.
+  tol = 1e-5 if dtype is None else 2e-2
+  np.testing.assert_allclose(float(blocked[0]), float(full[0]), rtol=tol)
+  for name, g, g_ref in zip("qkv", blocked[1], full[1]):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=tol * 10, err_msg=name)
 
 
 def test_recompute_attention_bf16_operands_close_to_f32():

@@ -17,6 +17,32 @@ from starjax.models import matmul as matmul_lib
 # Finite, so a row with every key masked (a padding query) averages instead of producing NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
+# Query rows per block when a causal mask lets `recompute_attention` skip the blocks above the
+# diagonal: at 1024 tokens, 4 blocks do 62.5% of the full score work. 128 measured the same speed
+# on a 2-core EPYC with 5% more peak memory (the SmolLM2-135M step keeps every block's residuals).
+CAUSAL_BLOCK = 256
+
+
+@jax.tree_util.register_pytree_node_class
+class CausalMask:
+  """A bool (B, T, T) mask that is False wherever the key index exceeds the query index.
+
+  Wrapping a mask in it lets attention skip the key blocks above the diagonal (on CPU, where
+  attention is `recompute_attention`). Training rows qualify, packed or not: positions increase
+  along each segment, so a later key is either a later position or another segment. A pytree, so
+  it passes through `nn.scan`, remat and jit like the plain mask.
+  """
+
+  def __init__(self, mask: jax.Array):
+    self.mask = mask
+
+  def tree_flatten(self):
+    return (self.mask,), None
+
+  @classmethod
+  def tree_unflatten(cls, _, children):
+    return cls(*children)
+
 
 def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
   """cos/sin tables for RoPE at integer `positions` (..., T) -> (..., T, head_dim // 2)."""
@@ -60,7 +86,7 @@ def make_attention_mask(q_pos: jax.Array, k_pos: jax.Array, *, q_seg: jax.Array 
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          mask: jax.Array | None = None,
+                          mask: jax.Array | CausalMask | None = None,
                           operand_dtype: Any = None) -> jax.Array:
   """Softmax attention with grouped-query heads.
 
@@ -68,8 +94,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     q: (B, T, H, D).
     k: (B, S, K, D).
     v: (B, S, K, D).
-    mask: bool (B, T, S) (True = attend) or an additive float bias of shape (B, T, S) or
-      (B, H, T, S).
+    mask: bool (B, T, S) (True = attend), a `CausalMask`, or an additive float bias of shape
+      (B, T, S) or (B, H, T, S).
     operand_dtype: dtype of the matmul operands on CPU (e.g. bf16 with f32 activations; see
       `starjax.models.matmul`); default q's dtype. Elsewhere the products take q's dtype.
 
@@ -85,6 +111,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   """
   if matmul_lib.cpu_kernels():
     return recompute_attention(q, k, v, mask, operand_dtype)
+  if isinstance(mask, CausalMask):
+    mask = mask.mask
   bias = None
   if mask is not None and mask.dtype != jnp.bool_:
     bias = (mask[:, None] if mask.ndim == 3 else mask).astype(q.dtype)
@@ -95,7 +123,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 def recompute_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                        mask: jax.Array | None = None,
+                        mask: jax.Array | CausalMask | None = None,
                         operand_dtype: Any = None) -> jax.Array:
   """`dot_product_attention` whose backward recomputes the probabilities (FlashAttention's
   trick, without the tiling): it saves only the output and each row's max and sum of exponentials.
@@ -105,21 +133,40 @@ def recompute_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   so that every product in it is a plain row-major matmul and nothing larger than q, k or v is
   ever transposed. Scores and softmax are float32; the products take `operand_dtype` (default
   q's) with float32 accumulation. Same arguments and result as `dot_product_attention`.
+
+  With a `CausalMask`, query block i (`CAUSAL_BLOCK` rows) attends only to keys of blocks <= i:
+  the blocks above the diagonal, all masked, are never computed (about half the work on long
+  rows).
   """
-  b, t, h, d = q.shape
-  kh = k.shape[2]
-  g = h // kh
   dt = jnp.dtype(operand_dtype or q.dtype)
-  # (B, T, K, G, D) -> (B, K, G*T, D); k, v -> (B, K, S, D).
+  kt, vt = (_row_major(x.transpose(0, 2, 1, 3).astype(dt)) for x in (k, v))  # (B, K, S, D)
+  t = q.shape[1]
+  if isinstance(mask, CausalMask):
+    mask = mask.mask
+    if t == k.shape[1] and t > CAUSAL_BLOCK:
+      outs = []
+      for start in range(0, t, CAUSAL_BLOCK):
+        stop = min(start + CAUSAL_BLOCK, t)
+        outs.append(_attend(q[:, start:stop], _row_major(kt[:, :, :stop]),
+                            _row_major(vt[:, :, :stop]), mask[:, start:stop, :stop], dt))
+      return jnp.concatenate(outs, axis=1)
+  return _attend(q, kt, vt, mask, dt)
+
+
+def _attend(q: jax.Array, kt: jax.Array, vt: jax.Array, mask: jax.Array | None,
+            dt: Any) -> jax.Array:
+  """`recompute_attention` on keys/values already in (B, K, S, D) layout and operand dtype."""
+  b, t, h, d = q.shape
+  kh = kt.shape[1]
+  g = h // kh
+  # (B, T, K, G, D) -> (B, K, G*T, D).
   qg = q.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d)
-  kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   if mask is None:
-    mask = jnp.ones((b, t, k.shape[1]), jnp.bool_)
+    mask = jnp.ones((b, t, kt.shape[2]), jnp.bool_)
   elif mask.dtype != jnp.bool_:
     mask = mask.astype(jnp.float32)
     mask = mask[:, None, None] if mask.ndim == 3 else mask.reshape(b, kh, g, t, -1)
-  qg, kt, vt = (_row_major(x.astype(dt)) for x in (qg, kt, vt))
-  out = _recompute_attention(qg, kt, vt, mask)
+  out = _recompute_attention(_row_major(qg.astype(dt)), kt, vt, mask)
   out = out.reshape(b, kh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
   return out.astype(q.dtype)
 

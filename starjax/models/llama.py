@@ -110,7 +110,7 @@ class Attention(nn.Module):
   def out(self, o: Array) -> Array:
     return self.o_proj(o)
 
-  def __call__(self, x: Array, positions: Array, mask: Array,
+  def __call__(self, x: Array, positions: Array, mask: Array | attn_lib.CausalMask,
                kv: tuple[Array, Array] | None, cache_index: Array | None
                ) -> tuple[Array, tuple[Array, Array] | None]:
     q, k, v = self.qkv(x, positions)
@@ -156,8 +156,8 @@ class DecoderLayer(nn.Module):
     self.post_attn_norm = RMSNorm(cfg.norm_eps, activation_dtype(cfg))
     self.mlp = MLP(cfg)
 
-  def __call__(self, x: Array, kv: tuple[Array, Array] | None, positions: Array, mask: Array,
-               cache_index: Array | None) -> tuple[Array, tuple[Array, Array] | None]:
+  def __call__(self, x: Array, kv: tuple[Array, Array] | None, positions: Array,
+               mask: Array | attn_lib.CausalMask, cache_index: Array | None) -> tuple[Array, tuple[Array, Array] | None]:
     h, kv = self.attn(self.input_norm(x), positions, mask, kv, cache_index)
     x = x + h
     x = x + self.mlp(self.post_attn_norm(x))
@@ -301,10 +301,10 @@ class Transformer(nn.Module):
       x, (ks, vs) = self.layers(x, (cache["k"], cache["v"]), positions, attn_mask, cache_index)
       new_cache = {"k": ks, "v": vs, "pos": key_pos}
     else:
-      if attn_mask is None:
-        attn_mask = attn_lib.make_attention_mask(positions, positions, q_seg=segment_ids,
-                                                 k_seg=segment_ids,
-                                                 sliding_window=cfg.sliding_window)
+      if attn_mask is None:  # Causal by index too (see make_attention_mask): blocks may skip.
+        attn_mask = attn_lib.CausalMask(attn_lib.make_attention_mask(
+            positions, positions, q_seg=segment_ids, k_seg=segment_ids,
+            sliding_window=cfg.sliding_window))
       x, _ = self.layers(x, None, positions, attn_mask, None)
     hidden = self.final_norm(x)
     return ModelOutput(logits=self.logits_from_hidden(hidden), hidden=hidden, cache=new_cache)

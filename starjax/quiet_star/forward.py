@@ -161,7 +161,7 @@ def base_pass(lm: Params, tokens: Array, valid: Array, model_cfg: ModelConfig) -
                               "positions (model.digit_positions, model.position_coupling).")
   b, n = tokens.shape
   positions = step_positions(b, n, 0)
-  mask = qs_attn.base_block_mask(valid, 0, model_cfg.sliding_window)
+  mask = attn_lib.CausalMask(qs_attn.base_block_mask(valid, 0, model_cfg.sliding_window))
 
   def layer(x, lp):
     return _layer(lp, x, positions, model_cfg,
