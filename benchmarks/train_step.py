@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -175,6 +176,17 @@ class _TorchPeer:
     return value
 
 
+
+def _kernel_share(before: resource.struct_rusage) -> tuple[float, int]:
+  """(system CPU seconds, minor page faults) of this process since `before`.
+
+  On the 2-core dev VM, XLA's step re-faults its ~3 GB of freed temporaries every step, and the
+  faults cost 3-4x more right after torch's step (4 vs 13 s of system time per JAX step): the
+  same-run peer comparison is only fair with these numbers next to it.
+  """
+  now = resource.getrusage(resource.RUSAGE_SELF)
+  return now.ru_stime - before.ru_stime, now.ru_minflt - before.ru_minflt
+
 def _torch_device(backend: str) -> str | None:
   """Where the torch peer runs: the same device as JAX, or None (no peer)."""
   try:
@@ -252,6 +264,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   # Timed steps; with a peer, JAX and torch alternate (in alternating order) so both see the same
   # machine load.
   jax_times, torch_times, jax_losses = [], [], []
+  kernel = {"jax": [], "torch": []}  # Per step: (system CPU s, minor page faults).
   deadline = t_start + spec["max_s"]
   load_before = os.getloadavg()[0]
   for i in range(spec["steps"]):
@@ -259,14 +272,16 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     order = ("jax", "torch") if i % 2 == 0 else ("torch", "jax")
     for who in order:
       if who == "jax":
-        t0 = time.perf_counter()
+        ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         metrics = jax_step()
         jax_times.append(time.perf_counter() - t0)
+        kernel["jax"].append(_kernel_share(ru0))
         jax_losses.append(float(metrics["loss"]))
       elif peer is not None:
-        t0 = time.perf_counter()
+        ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         peer.step()
         torch_times.append(time.perf_counter() - t0)
+        kernel["torch"].append(_kernel_share(ru0))
     if time.perf_counter() + (time.perf_counter() - t_iter) > deadline:
       break
   loss_diff = None if torch_loss is None else abs(jax_losses[0] - torch_loss)
@@ -282,6 +297,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
       "xla_temp_mb": mem.temp_size_in_bytes / 2**20 if mem else None,
       "xla_argument_mb": mem.argument_size_in_bytes / 2**20 if mem else None,
       "compile_s": compile_s, "jax_times_s": list(jt.times),
+      "jax_sys_s_and_page_faults": kernel["jax"],
       # 1-minute load average before and after the timed steps: other processes' share of the CPU.
       "load_avg": [load_before, os.getloadavg()[0]],
       "torch_tokens_per_s": None,
@@ -291,6 +307,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     row.update(torch_tokens_per_s=tokens / tt.median, torch_step_time_s=tt.median,
                torch_times_s=list(tt.times), torch_device=torch_device,
                speedup_vs_torch=tt.median / jt.median, loss_diff_vs_torch=loss_diff,
+               torch_sys_s_and_page_faults=kernel["torch"],
                torch_threads=peer.threads, torch_thread_probe_s=thread_probe)
   if torch_error:
     row["torch_error"] = torch_error
