@@ -157,7 +157,8 @@ class DecoderLayer(nn.Module):
     self.mlp = MLP(cfg)
 
   def __call__(self, x: Array, kv: tuple[Array, Array] | None, positions: Array,
-               mask: Array | attn_lib.CausalMask, cache_index: Array | None) -> tuple[Array, tuple[Array, Array] | None]:
+               mask: Array | attn_lib.CausalMask, cache_index: Array | None
+               ) -> tuple[Array, tuple[Array, Array] | None]:
     h, kv = self.attn(self.input_norm(x), positions, mask, kv, cache_index)
     x = x + h
     x = x + self.mlp(self.post_attn_norm(x))
