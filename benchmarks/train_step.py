@@ -176,7 +176,6 @@ class _TorchPeer:
     return value
 
 
-
 def _kernel_share(before: resource.struct_rusage) -> tuple[float, int]:
   """(system CPU seconds, minor page faults) of this process since `before`.
 
@@ -186,6 +185,7 @@ def _kernel_share(before: resource.struct_rusage) -> tuple[float, int]:
   """
   now = resource.getrusage(resource.RUSAGE_SELF)
   return now.ru_stime - before.ru_stime, now.ru_minflt - before.ru_minflt
+
 
 def _torch_device(backend: str) -> str | None:
   """Where the torch peer runs: the same device as JAX, or None (no peer)."""

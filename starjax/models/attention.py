@@ -147,8 +147,9 @@ def recompute_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       outs = []
       for start in range(0, t, CAUSAL_BLOCK):
         stop = min(start + CAUSAL_BLOCK, t)
-        outs.append(_attend(q[:, start:stop], _row_major(kt[:, :, :stop]),
-                            _row_major(vt[:, :, :stop]), mask[:, start:stop, :stop], dt))
+        # The last block takes the whole of kt, vt; earlier ones a row-major copy of their prefix.
+        kb, vb = (x if stop == t else _row_major(x[:, :, :stop]) for x in (kt, vt))
+        outs.append(_attend(q[:, start:stop], kb, vb, mask[:, start:stop, :stop], dt))
       return jnp.concatenate(outs, axis=1)
   return _attend(q, kt, vt, mask, dt)
 
