@@ -1,10 +1,12 @@
-"""Pytest setup: 8 fake CPU devices, set before jax is imported anywhere."""
+"""Pytest setup: 8 fake CPU devices and fast-compile XLA flags, set before jax is imported."""
 
 import os
 
-_FLAG = "--xla_force_host_platform_device_count=8"
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+import xla_env
+
+# A device count given from outside (the Makefile gives 8) is kept.
+_given = xla_env.DEVICE_FLAG in os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = xla_env.flags(devices=None if _given else 8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import xla_env
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -31,7 +32,7 @@ def _positive(x) -> bool:
 def quick_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench") / "bench.json"
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # No fake devices: the benchmarks use one device.
+  env["XLA_FLAGS"] = xla_env.flags(base="")  # Fast compiles, no fake devices (one device).
   env["JAX_PLATFORMS"] = "cpu"
   env["XDG_CACHE_HOME"] = str(out.parent / "cache")  # Keep the real ceiling cache untouched.
   proc = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick", "--out", str(out)],

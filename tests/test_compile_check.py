@@ -1,12 +1,12 @@
 """`python -m starjax.tools.compile_check`: abstract compile on fake devices, memory per device."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import xla_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset=tiny", "--devices=8", "--mesh=data=2,fsdp=4", "--batch=8", "--seq_len=32",
@@ -14,8 +14,7 @@ TINY = ["--preset=tiny", "--devices=8", "--mesh=data=2,fsdp=4", "--batch=8", "--
 
 
 def _run(*args, timeout=600):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"  # The tool must replace it.
+  env = xla_env.env(devices=2)  # The tool must replace the device count.
   p = subprocess.run([sys.executable, "-m", "starjax.tools.compile_check", *args], cwd=ROOT,
                      env=env, capture_output=True, text=True, timeout=timeout, check=False)
   return p.returncode, p.stdout, p.stderr

@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import xla_env
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -38,8 +39,7 @@ def _env(tmp: Path) -> dict[str, str]:
   env.pop("STARJAX_DISTRIBUTED", None)
   env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + env.get("PYTHONPATH", "").split(os.pathsep))
   env["JAX_PLATFORMS"] = "cpu"
-  # Tiny programs: LLVM optimisation would dominate compile time (the same flags for every run).
-  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+  env["XLA_FLAGS"] = xla_env.flags(base="")  # Fast compiles; localhost adds the device count.
   env["JAX_COMPILATION_CACHE_DIR"] = str(tmp / "jax_cache")  # Run B reuses run A's programs.
   return env
 

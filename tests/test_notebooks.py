@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import pytest
+import xla_env
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -41,7 +42,7 @@ def test_committed_notebooks_are_generated_and_clean(name):
 def _run(name: str, tmp_path: Path, monkeypatch) -> tuple[nbformat.NotebookNode, dict]:
   monkeypatch.setenv("STARJAX_NOTEBOOK_TINY", "1")
   monkeypatch.setenv("STARJAX_NOTEBOOK_WORKDIR", str(tmp_path / "workdir"))
-  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")  # 1 device, fast compile.
+  monkeypatch.setenv("XLA_FLAGS", xla_env.flags(devices=1))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("MPLBACKEND", "agg")  # The notebook switches to inline itself.
   nb = nbformat.read(NB_DIR / name, as_version=4)

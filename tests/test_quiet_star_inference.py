@@ -10,7 +10,6 @@ are tiny, and compilation would otherwise dominate the run time on a 2-core CPU.
 import dataclasses
 import functools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import xla_env
 
 from starjax import models
 from starjax.quiet_star import evaluate as qs_eval
@@ -314,7 +314,7 @@ def test_cli_after_real_training(tmp_path):
   """The real commands: 2 Quiet-STaR steps with the trainer, then the CLI in a fresh process."""
   workdir = tmp_path / "run"
   qs_train.train_and_evaluate(_tiny_run_config(tmp_path), workdir)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = xla_env.env(devices=1)
   proc = subprocess.run([sys.executable, "-m", "starjax.quiet_star.generate",
                          f"--workdir={workdir}", "--prompt", "Tom has", "--max_new_tokens=4",
                          f"--json={tmp_path / 'out.json'}"], cwd=ROOT, env=env,

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import xla_env
 
 from starjax import configs, models
 from starjax.data.tasks import Example
@@ -391,8 +392,7 @@ def test_cli_sigterm_resume_and_evaluate(tmp_path):
          "--config.warmup.steps=0", "--config.train.steps=200", "--config.train.ckpt_every=1000",
          "--config.train.progress=False", "--config.train.batch_size=2",
          "--config.train.seq_len=16", "--config.eval.every=0", "--config.eval.at_end=False"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             STARJAX_DATA_DIR=str(tmp_path / "data"))
+  env = xla_env.env(devices=1, STARJAX_DATA_DIR=str(tmp_path / "data"))
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   metrics = workdir / "metrics.jsonl"

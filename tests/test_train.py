@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import xla_env
 from ml_collections import config_dict
 
 from starjax import configs, models
@@ -281,7 +282,7 @@ def test_cli_sigterm_and_resume(tmp_path):
          "--config.train.log_every=1", "--config.train.progress=False",
          "--config.data.n_train_per_digit=50", "--config.train.batch_size=4",
          "--config.train.seq_len=64"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = xla_env.env(devices=1)
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   metrics = workdir / "metrics.jsonl"

@@ -1,0 +1,33 @@
+"""XLA flags for the test suite: fast compiles, and a fake CPU device count per process.
+
+Compiling dominates the suite's time (its models are tiny), and on XLA CPU most of a compile is
+the MLIR fusion emitters and LLVM's optimisation passes. Turning both off roughly halves it
+(tests/test_models.py + tests/test_quiet_star.py: 237 s -> 121 s on the 2-core dev VM, 2026-12-03)
+at the cost of slower generated code, which tiny models do not notice. Only the tests use these
+flags; the library, `make demo` and the benchmarks run with XLA's defaults.
+"""
+
+from __future__ import annotations
+
+import os
+
+FAST_COMPILE = ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=0")
+DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+def flags(devices: int | None = None, base: str | None = None) -> str:
+  """An XLA_FLAGS value: `base` (default: this process's) plus FAST_COMPILE.
+
+  With `devices`, any device count in `base` is replaced by that many fake CPU devices.
+  """
+  base = os.environ.get("XLA_FLAGS", "") if base is None else base
+  out = [f for f in base.split() if not (devices and f.startswith(DEVICE_FLAG))]
+  out += [f for f in FAST_COMPILE if f not in out]
+  if devices:
+    out.append(f"{DEVICE_FLAG}={devices}")
+  return " ".join(out)
+
+
+def env(devices: int | None = None, **extra: str) -> dict[str, str]:
+  """This process's environment with `flags(devices)` as XLA_FLAGS, plus `extra`."""
+  return {**os.environ, "XLA_FLAGS": flags(devices), **extra}
