@@ -1,8 +1,5 @@
 """Quiet-STaR (spec §1.9): parallel thoughts equal sequential decoding, sampling keys, diagonal
 attention, init invariants, advantages, alignment, padding, REINFORCE, embedding scale, meshes.
-
-Every jitted function here is compiled with `xla_backend_optimization_level=0`: the programs are
-tiny, and LLVM optimisation would otherwise dominate the file's run time on a 2-core CPU.
 """
 
 import functools
@@ -18,9 +15,6 @@ from starjax.quiet_star import attention as qs_attn
 from starjax.quiet_star import forward as fwd
 from starjax.quiet_star import objective, sampling
 from starjax.quiet_star.config import QuietStarConfig
-
-_FAST = {"xla_backend_optimization_level": 0}
-_jit = functools.partial(jax.jit, compiler_options=_FAST)
 
 MODEL = models.ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
 # Qwen-style biases, tied head, and a sliding window short enough to bind inside thoughts.
@@ -61,20 +55,20 @@ def _params(model_cfg=MODEL, cfg=CFG, random_mixer=False, seed=0):
 @functools.cache
 def _cells_fn(cfg, model_cfg, forced=False):
   if forced:
-    return _jit(lambda p, b, k, f: objective.quiet_star_cells(p, b, k, cfg, model_cfg,
+    return jax.jit(lambda p, b, k, f: objective.quiet_star_cells(p, b, k, cfg, model_cfg,
                                                               forced_thoughts=f))
-  return _jit(lambda p, b, k: objective.quiet_star_cells(p, b, k, cfg, model_cfg))
+  return jax.jit(lambda p, b, k: objective.quiet_star_cells(p, b, k, cfg, model_cfg))
 
 
 @functools.cache
 def _grad_fn(cfg, model_cfg, mesh=None):
   loss = lambda p, b, k: objective.quiet_star_loss(p, b, k, cfg, model_cfg, mesh)
-  return _jit(jax.value_and_grad(loss, has_aux=True))
+  return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
 @functools.cache
 def _decoder_fn(model_cfg):
-  return _jit(lambda p, e, pos: models.forward(model_cfg, p, None, pos, inputs_embeds=e))
+  return jax.jit(lambda p, e, pos: models.forward(model_cfg, p, None, pos, inputs_embeds=e))
 
 
 def _np(tree):
@@ -100,7 +94,7 @@ def test_config_thought_lengths_and_validation():
     objective.quiet_star_cells(None, _batch(n=4), KEY, CFG, MODEL)
 
 
-@_jit
+@jax.jit
 def _attention_both_ways(*args):
   """Diagonal and dense thought attention, and the gradients of a scalar function of each."""
   loss = lambda f: lambda *x: jnp.sum(jnp.sin(f(*x)))
@@ -168,7 +162,7 @@ def test_parallel_equals_sequential(model_cfg):
   rng = np.random.default_rng(1)
   thoughts = rng.integers(0, 62, (B, CFG.n_passes, CFG.n_sampled, L)).astype(np.int32)
 
-  @_jit
+  @jax.jit
   def parallel_run(p, t, v, forced):
     base, th = sampling.rollouts(p, t, v, sampling.example_keys(KEY, jnp.arange(B)), CFG,
                                  model_cfg, forced)
@@ -215,7 +209,7 @@ def _sequential_thoughts(params, batch, cfg, model_cfg):
   pos = np.broadcast_to(np.arange(seqs.shape[1]), seqs.shape[:2])
   ids = batch["example_ids"][e]
 
-  @_jit
+  @jax.jit
   def choose(logits, ids, p, t, k):
     z = fwd.suppress(logits, cfg.suppress_ids)
     if cfg.greedy_thoughts:
@@ -252,7 +246,7 @@ def test_sampling_identity(greedy):
     assert (mixed["advantage"] == 0).all()
     return
   assert (cells["thoughts"][:, 0] != cells["thoughts"][:, 1]).any()
-  sampled = _jit(lambda p, b: sampling.sample_thoughts(p, b, KEY, cfg, MODEL))(params, batch)
+  sampled = jax.jit(lambda p, b: sampling.sample_thoughts(p, b, KEY, cfg, MODEL))(params, batch)
   np.testing.assert_array_equal(sampled["tokens"], cells["thoughts"])
   np.testing.assert_allclose(sampled["logp"], cells["logp"], atol=1e-5)
   # Keys follow the example id, not the row: a permuted batch permutes the thoughts.
@@ -406,7 +400,7 @@ def test_reinforce_matches_analytic_gradient(include_self):
   reward = jnp.asarray([1.0, -0.5, 2.0, 0.0, 0.3])
   n_cells = 50_000
 
-  @_jit
+  @jax.jit
   def estimate(theta, key):
     keys = jax.random.split(key, cfg.n_passes * n_cells).reshape(cfg.n_passes, n_cells)
     logits = jnp.broadcast_to(theta, (cfg.n_passes, n_cells, 5))
@@ -430,7 +424,7 @@ def test_embedding_scale_under_adam():
   batch = _batch(b=8, lengths=[L, 9] * 4)
   _, grads = _grad_fn(CFG, MODEL)(params, batch, KEY)
   opt = optax.adam(1e-3)
-  updates, _ = _jit(lambda g, p: opt.update(g, opt.init(p), p))(grads, params)
+  updates, _ = jax.jit(lambda g, p: opt.update(g, opt.init(p), p))(grads, params)
   start = np.abs(np.asarray(updates["thought"]["start_embedding"])) * CFG.embedding_scale
   row = np.abs(np.asarray(updates["lm"]["embed"]["embedding"])[int(batch["tokens"][0, 0])])
   assert np.abs(np.asarray(grads["thought"]["start_embedding"])).max() > 0

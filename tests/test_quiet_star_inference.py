@@ -2,9 +2,6 @@
 [prefix, start, thought, end] sequence per step, equal to the training forward's thoughts and mixed
 logits, equal to plain greedy decoding at init, batch-independent, clear input errors, and the
 command line on a training run's directory.
-
-The generate programs are compiled without XLA backend optimisation (`fast_compile`): the models
-are tiny, and compilation would otherwise dominate the run time on a 2-core CPU.
 """
 
 import dataclasses
@@ -44,18 +41,6 @@ SAMPLE = DecodeConfig(max_new_tokens=5, temperature=1.0, eos_id=None)
 PROMPTS = [[1, 5, 9, 33, 7, 20, 11], [1, 40], [1, 12, 3, 3]]
 
 
-_FAST = {"xla_backend_optimization_level": 0}
-
-
-@pytest.fixture(autouse=True)
-def _fast_compile(monkeypatch):
-  monkeypatch.setattr(inference, "compiled_generate",
-                      functools.partial(_compiled_generate, fast_compile=True))
-
-
-_compiled_generate = inference.compiled_generate
-
-
 @functools.cache
 def _params(model_cfg=MODEL, random_mixer=True):
   # Random decoder without compiling its init; std 0.06 gives sharp, non-tied distributions.
@@ -72,8 +57,7 @@ def _params(model_cfg=MODEL, random_mixer=True):
 
 @functools.cache
 def _decoder(model_cfg):
-  return jax.jit(lambda p, e, pos: models.forward(model_cfg, p, None, pos, inputs_embeds=e),
-                 compiler_options=_FAST)
+  return jax.jit(lambda p, e, pos: models.forward(model_cfg, p, None, pos, inputs_embeds=e))
 
 
 def _naive(params, prompt, prompt_id, cfg, model_cfg, dc, seed, pad_to=32):

@@ -169,14 +169,12 @@ def _generate_local(params: Params, prompts: Array, positions: Array, text_keys:
 
 @functools.lru_cache(maxsize=32)
 def compiled_generate(cfg: QuietStarConfig, model_cfg: ModelConfig, dc: DecodeConfig,
-                      thoughts: bool = True, with_logits: bool = False,
-                      fast_compile: bool = False):
+                      thoughts: bool = True, with_logits: bool = False):
   """The jitted generate(params, prompts, positions, text_keys, thought_keys) -> dict.
 
   One compile per settings (and per shape): prompts int (B, P) left-padded, positions (B, P) with
   -1 on padding, keys (B,) from `stream_keys`. Returns tokens, logprobs, weights (B, N), thoughts
   (B, N, M), lengths, finished (B,), and logits (B, N, V) float32 if `with_logits`.
-  `fast_compile` turns XLA's backend optimisation off (for tests of tiny models).
   """
   if model_cfg.digit_positions or model_cfg.position_coupling:
     raise NotImplementedError("Quiet-STaR generation does not support digit-index embeddings or "
@@ -184,8 +182,6 @@ def compiled_generate(cfg: QuietStarConfig, model_cfg: ModelConfig, dc: DecodeCo
                               "model.position_coupling).")
   fn = functools.partial(_generate_local, cfg=cfg, model_cfg=model_cfg.replace(remat="none"),
                          dc=dc, thoughts=thoughts, with_logits=with_logits)
-  if fast_compile:
-    return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
   return jax.jit(fn)
 
 
