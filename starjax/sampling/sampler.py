@@ -102,6 +102,7 @@ def generate_tokens(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[in
   if mesh is not None:
     params = multihost.global_from_host(
         params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  layers = core.split_layers(params, cfg.n_layers)
 
   n, k, m = len(prompts), num_samples, dc.max_new_tokens
   out = SampleOutput(np.zeros((n, k, m), np.int32), np.zeros((n, k), np.int32),
@@ -130,7 +131,7 @@ def generate_tokens(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[in
     inputs = (toks, pos, coupling, keys)
     if multiprocess:  # Every process holds the whole batch; each places its own devices' rows.
       inputs = multihost.global_from_host(inputs, core.row_sharding(mesh))
-    res = multihost.to_host(fn(params, *inputs))  # All-gathered when rows span processes.
+    res = multihost.to_host(fn(params, layers, *inputs))  # All-gathered when rows span processes.
     sl = slice(start, start + len(chunk))
     out.tokens[sl] = res["tokens"][:len(chunk)]
     out.lengths[sl] = res["lengths"][:len(chunk)]
