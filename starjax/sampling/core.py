@@ -149,10 +149,10 @@ def _decode_samples(cfg: ModelConfig, dc: DecodeConfig, params: Any, layers: lis
                     digit_run: jax.Array | None, coupling: jax.Array,
                     keys: jax.Array) -> dict[str, jax.Array]:
   """Decode loop for one sample per row. layers: per-layer weights (`split_layers`); keys: (R,)
-  per-row sample keys; digit_run: (R,) the
-  prompts' digit run lengths (`abacus.digit_index`), carried for digit-index embeddings (None
-  for a model without them); coupling: (R, F) the position state after each prompt
-  (`positions.prompt_positions`), stepped for a model with coupled positions."""
+  per-row sample keys; digit_run: (R,) the prompts' digit run lengths (`abacus.digit_index`),
+  carried for digit-index embeddings (None for a model without them); coupling: (R, F) the
+  position state after each prompt (`positions.prompt_positions`), stepped for a model with
+  coupled positions."""
   r, n = first_logits.shape[0], dc.max_new_tokens
   # Per-layer cache, split once: the loop body runs the layers unrolled.
   cache = {"k": list(cache["k"]), "v": list(cache["v"]), "pos": cache["pos"]}
@@ -208,8 +208,7 @@ def _generate_local(cfg: ModelConfig, dc: DecodeConfig, params: Any, layers: lis
                     sample_keys: jax.Array) -> dict[str, jax.Array]:
   """Per-device work: prefill (B, P) prompts once, then vmap the decode loop over K samples.
 
-  layers: `split_layers(params, cfg.n_layers)`, for the decode loop's unrolled layers.
-
+  layers: `split_layers(params, cfg.n_layers)`, for the decode loop's unrolled layers;
   coupling: (B, F) position state after each prompt (F = 0 for plain positions).
   """
   b, plen = prompts.shape
