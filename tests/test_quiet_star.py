@@ -56,7 +56,7 @@ def _params(model_cfg=MODEL, cfg=CFG, random_mixer=False, seed=0):
 def _cells_fn(cfg, model_cfg, forced=False):
   if forced:
     return jax.jit(lambda p, b, k, f: objective.quiet_star_cells(p, b, k, cfg, model_cfg,
-                                                              forced_thoughts=f))
+                                                                 forced_thoughts=f))
   return jax.jit(lambda p, b, k: objective.quiet_star_cells(p, b, k, cfg, model_cfg))
 
 

@@ -145,8 +145,8 @@ def stopped(tokens: jax.Array, step: jax.Array, dc: DecodeConfig) -> jax.Array:
 
 
 def _decode_samples(cfg: ModelConfig, dc: DecodeConfig, params: Any, layers: list[Any],
-                    cache: llama.Cache, first_logits: jax.Array, next_pos: jax.Array, prompt_len: int,
-                    digit_run: jax.Array | None, coupling: jax.Array,
+                    cache: llama.Cache, first_logits: jax.Array, next_pos: jax.Array,
+                    prompt_len: int, digit_run: jax.Array | None, coupling: jax.Array,
                     keys: jax.Array) -> dict[str, jax.Array]:
   """Decode loop for one sample per row. layers: per-layer weights (`split_layers`); keys: (R,)
   per-row sample keys; digit_run: (R,) the prompts' digit run lengths (`abacus.digit_index`),
