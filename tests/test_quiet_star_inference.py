@@ -180,6 +180,47 @@ def test_batch_rows_equal_rows_alone():
     np.testing.assert_allclose(both.mixing_weights[i], alone.mixing_weights[0], atol=1e-6)
 
 
+def _stacked_weight_ops_in_loops(jaxpr, shapes, in_loop=False) -> int:
+  """Ops inside a loop of `jaxpr` that take an operand shaped like a stacked layer weight."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    if in_loop:
+      n += any(getattr(v.aval, "shape", None) in shapes for v in eqn.invars)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      n += _stacked_weight_ops_in_loops(sub, shapes, in_loop or eqn.primitive.name == "while")
+  return n
+
+
+def test_decode_steps_read_per_layer_weights_not_the_stacked_ones(monkeypatch):
+  """Every one-token step runs the unrolled layers on per-layer weights (split once per call):
+  nothing in the decode loop touches the stacked weights, which the layer scan would slice."""
+  params = _params()
+  layers = core.split_layers(params["lm"], MODEL.n_layers)
+  b = 3  # Activation rows (b, dim) must not look like a stacked (n_layers, dim) weight.
+  toks, pos = np.ones((b, 8), np.int32), np.tile(np.arange(8, dtype=np.int32), (b, 1))
+  keys = inference.stream_keys(0, np.arange(b))
+  shapes = {x.shape for x in jax.tree.leaves(params["lm"]["layers"])}
+
+  def count():
+    fn = functools.partial(inference._generate_local, cfg=CFG, model_cfg=MODEL, dc=SAMPLE,
+                           thoughts=True, with_logits=False)
+    jaxpr = jax.make_jaxpr(fn)(params, layers, toks, pos, *keys)
+    return _stacked_weight_ops_in_loops(jaxpr.jaxpr, shapes)
+
+  assert count() == 0
+  # The check can fail: decoding through the scanned layers, as before, reads them in the loop.
+  def scanned(cfg, params, layers, tokens, positions, cache, index, digit_index=None, *,
+              inputs_embeds=None):
+    del layers, digit_index
+    stacked = {"k": jnp.stack(cache["k"]), "v": jnp.stack(cache["v"]), "pos": cache["pos"]}
+    out = models.forward(cfg, params, tokens, positions, inputs_embeds=inputs_embeds,
+                         cache=stacked, cache_index=index)
+    return out.replace(cache=models.llama.unstack_cache(out.cache))
+
+  monkeypatch.setattr(models.llama, "decode_unrolled", scanned)
+  assert count() > 0
+
+
 def test_bad_input_is_a_clear_error():
   params = _params()
   with pytest.raises(ValueError, match="No prompts"):

@@ -242,9 +242,10 @@ class Transformer(nn.Module):
       x = x + self.digit_embed(jnp.minimum(digit_index, self.cfg.digit_positions - 1))
     return x
 
-  def finish(self, x: Array) -> Array:
-    """Last layer's output (B, T, dim) -> logits: the final norm, then the LM head."""
-    return self.logits_from_hidden(self.final_norm(x))
+  def finish(self, x: Array) -> tuple[Array, Array]:
+    """Last layer's output (B, T, dim) -> (final-norm hidden states, logits)."""
+    hidden = self.final_norm(x)
+    return hidden, self.logits_from_hidden(hidden)
 
   def logits_from_hidden(self, hidden: Array) -> Array:
     """Final-norm hidden states -> logits (the LM head; tied or separate)."""
@@ -307,8 +308,8 @@ class Transformer(nn.Module):
             positions, positions, q_seg=segment_ids, k_seg=segment_ids,
             sliding_window=cfg.sliding_window))
       x, _ = self.layers(x, None, positions, attn_mask, None)
-    hidden = self.final_norm(x)
-    return ModelOutput(logits=self.logits_from_hidden(hidden), hidden=hidden, cache=new_cache)
+    hidden, logits = self.finish(x)
+    return ModelOutput(logits=logits, hidden=hidden, cache=new_cache)
 
 
 def unstack_layers(params: Any, n_layers: int) -> list[Any]:
@@ -316,22 +317,35 @@ def unstack_layers(params: Any, n_layers: int) -> list[Any]:
   return [jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(n_layers)]
 
 
-def decode_unrolled(cfg: ModelConfig, params: Any, layers: list[Any], tokens: Array,
+def unstack_cache(cache: Cache) -> dict[str, Any]:
+  """A stacked KV cache (`init_cache`) as the per-layer lists `decode_unrolled` takes."""
+  return {"k": list(cache["k"]), "v": list(cache["v"]), "pos": cache["pos"]}
+
+
+def decode_unrolled(cfg: ModelConfig, params: Any, layers: list[Any], tokens: Array | None,
                     positions: Array, cache: dict[str, Any], cache_index: Array,
-                    digit_index: Array | None = None) -> tuple[Array, dict[str, Any]]:
-  """One cached decoding call with the layer loop unrolled, for the sampler's inner loop.
+                    digit_index: Array | None = None, *,
+                    inputs_embeds: Array | None = None) -> ModelOutput:
+  """One cached decoding call with the layer loop unrolled, for a sampler's inner loop.
 
   Same result as `Transformer(cfg).apply(..., cache=...)`, but `layers` holds each layer's
   parameters separately (`unstack_layers`, done once before the loop) and `cache` keeps per-layer
-  lists {"k": [n_layers x (B, S, K, D)], "v": [...], "pos": (B, S)}. `digit_index` is
+  lists (`unstack_cache`): {"k": [n_layers x (B, S, K, D)], "v": [...], "pos": (B, S)}.
+  `inputs_embeds` (B, T, dim) replaces `tokens` as in `Transformer.__call__`; `digit_index` is
   required with digit-index embeddings (`abacus.digit_step` gives it). Under the layer scan, XLA CPU
   copied every layer's weights out of the stacked arrays and rewrote the stacked cache at every
   token; unrolled, the weights are read in place and each layer's cache is updated in place.
+
+  Returns:
+    ModelOutput with the logits, the final-norm hidden states and the per-layer cache.
   """
   model = Transformer(cfg)
-  if cfg.digit_positions and digit_index is None:
-    raise ValueError("A model with digit-index embeddings needs digit_index when decoding.")
-  x = model.apply({"params": params}, tokens, digit_index, method=Transformer.embed_tokens)
+  if inputs_embeds is not None:
+    x = inputs_embeds.astype(activation_dtype(cfg))
+  else:
+    if cfg.digit_positions and digit_index is None:
+      raise ValueError("A model with digit-index embeddings needs digit_index when decoding.")
+    x = model.apply({"params": params}, tokens, digit_index, method=Transformer.embed_tokens)
   key_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions.astype(jnp.int32),
                                                 cache_index, axis=1)
   mask = attn_lib.make_attention_mask(positions, key_pos, sliding_window=cfg.sliding_window)
@@ -341,8 +355,8 @@ def decode_unrolled(cfg: ModelConfig, params: Any, layers: list[Any], tokens: Ar
     x, (k, v) = layer.apply({"params": lp}, x, (k, v), positions, mask, cache_index)
     ks.append(k)
     vs.append(v)
-  logits = model.apply({"params": params}, x, method=Transformer.finish)
-  return logits, {"k": ks, "v": vs, "pos": key_pos}
+  hidden, logits = model.apply({"params": params}, x, method=Transformer.finish)
+  return ModelOutput(logits=logits, hidden=hidden, cache={"k": ks, "v": vs, "pos": key_pos})
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> Cache:

@@ -74,62 +74,72 @@ def _fold(keys: Array, data: Array | int) -> Array:
   return jax.vmap(jax.random.fold_in)(keys, data)
 
 
-def _generate_local(params: Params, prompts: Array, positions: Array, text_keys: Array,
-                    thought_keys: Array, *, cfg: QuietStarConfig, model_cfg: ModelConfig,
-                    dc: DecodeConfig, thoughts: bool, with_logits: bool) -> dict[str, Array]:
-  """Prefill the left-padded prompts (B, P), then a `while_loop` over new tokens."""
+def _generate_local(params: Params, layers: list[Params], prompts: Array, positions: Array,
+                    text_keys: Array, thought_keys: Array, *, cfg: QuietStarConfig,
+                    model_cfg: ModelConfig, dc: DecodeConfig, thoughts: bool,
+                    with_logits: bool) -> dict[str, Array]:
+  """Prefill the left-padded prompts (B, P), then a `while_loop` over new tokens.
+
+  Iteration n runs M + 3 one-token decode steps in one `fori_loop` (one step without thoughts):
+  step 0 reads the last text token (the prompt's last token when n = 0; it rewrites the slot the
+  prefill filled) and gives the no-thought logits; steps 1 .. M + 2 read start, the thought and
+  end. With one loop body the model is traced and compiled once, not twice. Each step runs
+  the layers unrolled on `layers`, the per-layer weights (`sampling.core.split_layers`), and on a
+  per-layer cache (`llama.decode_unrolled`): no step copies the stacked weights or rewrites the
+  stacked cache.
+  """
   b, plen = prompts.shape
   n_new, m = dc.max_new_tokens, cfg.n_sampled
-  scratch = m + 2
-  model = llama.Transformer(model_cfg)
+  scratch = m + 2 if thoughts else 0
   lm = params["lm"]
-
-  def apply(tokens, pos, cache, index, embeds=None):
-    out = model.apply({"params": lm}, tokens, pos, inputs_embeds=embeds, cache=cache,
-                      cache_index=index)
-    return out.cache, out.logits[:, -1], out.hidden[:, -1]
-
-  cache = llama.init_cache(model_cfg, b, plen + n_new + (scratch - 1 if thoughts else 0))
-  cache, z_base, h_base = apply(prompts, positions, cache, 0)
+  cache = llama.init_cache(model_cfg, b, plen + n_new + max(scratch - 1, 0))
+  cache = llama.Transformer(model_cfg).apply({"params": lm}, prompts, positions, cache=cache,
+                                             cache_index=0).cache
   last = jnp.max(positions, axis=1)  # (B,) position of each prompt's last token.
   if thoughts:
     start, end = fwd.thought_embeddings(params, cfg, model_cfg)
 
-  def think(cache, t, slot):
-    """One thought for text position t (B,): M + 2 decode steps from `slot` on."""
-    tkeys = _fold(_fold(thought_keys, 0), t)
-
-    def step(j, carry):
-      cache, prev, toks, _, _ = carry
-      x = fwd.embed_tokens(lm, prev, model_cfg)
-      x = jnp.where(j == 0, start, jnp.where(j == scratch - 1, end, x))
-      cache, z, h = apply(None, (t + 1 + j)[:, None], cache, slot + j, x[:, None])
-      c = sampling.choose_tokens(fwd.suppress(z, cfg.suppress_ids), _fold(tkeys, j + 1), cfg)
-      toks = jnp.where(j < m, jax.lax.dynamic_update_index_in_dim(
-          toks, c, jnp.minimum(j, m - 1), 1), toks)
-      return cache, c, toks, z, h
-
-    init = (cache, jnp.zeros((b,), jnp.int32), jnp.zeros((b, m), jnp.int32),
-            jnp.zeros_like(z_base), jnp.zeros_like(h_base))
-    cache, _, toks, z_end, h_end = jax.lax.fori_loop(0, scratch, step, init)
-    # Free the scratch slots: their keys stay in memory but no query attends to position -1.
-    pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], jnp.full((b, scratch), -1, jnp.int32),
-                                              slot, axis=1)
-    return {**cache, "pos": pos}, toks, z_end, h_end
+  act = llama.activation_dtype(model_cfg)
+  zeros_z, zeros_h = jnp.zeros((b, model_cfg.vocab_size), act), jnp.zeros((b, model_cfg.dim), act)
 
   def cond(carry):
     return (carry["step"] < n_new) & ~jnp.all(carry["done"])
 
   def body(carry):
-    n, cache, done = carry["step"], carry["cache"], carry["done"]
-    t = last + n
+    n, done = carry["step"], carry["done"]
+    t = last + n  # Position of the text token read at step 0: token n - 1, or the prompt's last.
+    slot = plen - 1 + n
+    tkeys = _fold(_fold(thought_keys, 0), t)
+
+    def step(j, inner):
+      """Step j reads `prev` (j = 0), start (1), a thought token or end (M + 2) at t + j."""
+      cache, prev, toks, z_base, h_base, _, _ = inner
+      x = fwd.embed_tokens(lm, prev, model_cfg)
+      if thoughts:
+        x = jnp.where(j == 1, start, jnp.where(j == scratch, end, x))
+      out = llama.decode_unrolled(model_cfg, lm, layers, None, (t + j)[:, None], cache, slot + j,
+                                  inputs_embeds=x[:, None])
+      z, h = out.logits[:, -1], out.hidden[:, -1]
+      z_base, h_base = jnp.where(j == 0, z, z_base), jnp.where(j == 0, h, h_base)
+      if thoughts:  # Thought token c_j comes from step j's output (j = 1 .. M).
+        prev = sampling.choose_tokens(fwd.suppress(z, cfg.suppress_ids), _fold(tkeys, j), cfg)
+        toks = jnp.where((j >= 1) & (j <= m), jax.lax.dynamic_update_index_in_dim(
+            toks, prev, jnp.clip(j - 1, 0, m - 1), 1), toks)
+      return out.cache, prev, toks, z_base, h_base, z, h
+
+    init = (carry["cache"], carry["prev"], jnp.zeros((b, m if thoughts else 0), jnp.int32),
+            zeros_z, zeros_h, zeros_z, zeros_h)
+    cache, _, toks, z_base, h_base, z_end, h_end = jax.lax.fori_loop(0, scratch + 1, step, init)
     if thoughts:
-      cache, toks, z_end, h_end = think(cache, t, plen + n)
-      w = objective.mixing_weight(params["mixer"], carry["h_base"], h_end, cfg)
-      logits = objective.mix_logits(w, carry["z_base"], z_end)
+      # Free the scratch slots: their keys stay in memory but no query attends to position -1.
+      pos = jax.lax.dynamic_update_slice_in_dim(
+          cache["pos"], jnp.full((b, scratch), -1, jnp.int32), slot + 1, axis=1)
+      cache = {**cache, "pos": pos}
+      w = objective.mixing_weight(params["mixer"], h_base, h_end, cfg)
+      logits = objective.mix_logits(w, z_base, z_end)
     else:
-      w, toks = jnp.zeros((b,), jnp.float32), jnp.zeros((b, 0), jnp.int32)
-      logits = carry["z_base"].astype(jnp.float32)
+      w = jnp.zeros((b,), jnp.float32)
+      logits = z_base.astype(jnp.float32)
     tok = core.choose_tokens(logits, _fold(text_keys, n), dc)
     tok = jnp.where(done, dc.pad_id, tok)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=1)[:, 0]
@@ -146,13 +156,12 @@ def _generate_local(params: Params, prompts: Array, positions: Array, text_keys:
     out["lengths"] = carry["lengths"] + (~done).astype(jnp.int32)
     out["done"] = done | ended
     out["finished"] = carry["finished"] | ended
-    out["cache"], out["z_base"], out["h_base"] = apply(tok[:, None], (t + 1)[:, None], cache,
-                                                       plen + n)
-    out["step"] = n + 1
+    out["cache"], out["prev"], out["step"] = cache, tok, n + 1
     return out
 
   carry = {
-      "step": jnp.zeros((), jnp.int32), "cache": cache, "z_base": z_base, "h_base": h_base,
+      "step": jnp.zeros((), jnp.int32), "cache": llama.unstack_cache(cache),
+      "prev": prompts[:, -1],
       "tokens": jnp.full((b, n_new), dc.pad_id, jnp.int32),
       "logprobs": jnp.zeros((b, n_new), jnp.float32),
       "thoughts": jnp.full((b, n_new, m if thoughts else 0), dc.pad_id, jnp.int32),
@@ -170,11 +179,12 @@ def _generate_local(params: Params, prompts: Array, positions: Array, text_keys:
 @functools.lru_cache(maxsize=32)
 def compiled_generate(cfg: QuietStarConfig, model_cfg: ModelConfig, dc: DecodeConfig,
                       thoughts: bool = True, with_logits: bool = False):
-  """The jitted generate(params, prompts, positions, text_keys, thought_keys) -> dict.
+  """The jitted generate(params, layers, prompts, positions, text_keys, thought_keys) -> dict.
 
-  One compile per settings (and per shape): prompts int (B, P) left-padded, positions (B, P) with
-  -1 on padding, keys (B,) from `stream_keys`. Returns tokens, logprobs, weights (B, N), thoughts
-  (B, N, M), lengths, finished (B,), and logits (B, N, V) float32 if `with_logits`.
+  One compile per settings (and per shape): layers = `sampling.core.split_layers(params["lm"],
+  n_layers)`, prompts int (B, P) left-padded, positions (B, P) with -1 on padding, keys (B,) from
+  `stream_keys`. Returns tokens, logprobs, weights (B, N), thoughts (B, N, M), lengths, finished
+  (B,), and logits (B, N, V) float32 if `with_logits`.
   """
   if model_cfg.digit_positions or model_cfg.position_coupling:
     raise NotImplementedError("Quiet-STaR generation does not support digit-index embeddings or "
@@ -288,6 +298,7 @@ def generate_with_thoughts(params: Params, prompts: Sequence[Sequence[int]], cfg
     raise ValueError(f"{len(ids)} prompt_ids for {len(prompts)} prompts.")
   batch_size = min(batch_size, _bucket(len(prompts), 1))
   fn = compiled_generate(cfg, model_cfg, dc, thoughts, return_logits)
+  layers = core.split_layers(params["lm"], model_cfg.n_layers)  # Once per call, not per batch.
   n, m = len(prompts), cfg.n_sampled if thoughts else 0
   out = {"tokens": np.zeros((n, n_new), np.int32), "lengths": np.zeros((n,), np.int32),
          "thoughts": np.zeros((n, n_new, m), np.int32),
@@ -307,7 +318,7 @@ def generate_with_thoughts(params: Params, prompts: Sequence[Sequence[int]], cfg
     pos[len(chunk):, -1] = 0  # Filler rows get one token so they stay finite; dropped.
     row_ids = np.concatenate([ids[chunk], np.full(batch_size - len(chunk), -1)])
     text_keys, thought_keys = stream_keys(seed, row_ids)
-    res = jax.device_get(fn(params, toks, pos, text_keys, thought_keys))
+    res = jax.device_get(fn(params, layers, toks, pos, text_keys, thought_keys))
     for k in out:
       out[k][start:start + len(chunk)] = res[k][:len(chunk)]
   return ThoughtSamples(tokens=out["tokens"], lengths=out["lengths"], thoughts=out["thoughts"],

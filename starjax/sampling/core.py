@@ -155,7 +155,7 @@ def _decode_samples(cfg: ModelConfig, dc: DecodeConfig, params: Any, layers: lis
   coupled positions."""
   r, n = first_logits.shape[0], dc.max_new_tokens
   # Per-layer cache, split once: the loop body runs the layers unrolled.
-  cache = {"k": list(cache["k"]), "v": list(cache["v"]), "pos": cache["pos"]}
+  cache = llama.unstack_cache(cache)
 
   def cond(carry):
     return (carry["step"] < n) & ~jnp.all(carry["done"])
@@ -183,9 +183,9 @@ def _decode_samples(cfg: ModelConfig, dc: DecodeConfig, params: Any, layers: lis
     pos = next_pos + step
     if cfg.position_coupling:
       pos, new["coupling"] = positions_lib.decode_step(cfg, carry["coupling"], tok)
-    logits, cache = llama.decode_unrolled(cfg, params, layers, tok[:, None], pos[:, None],
-                                          carry["cache"], prompt_len + step, digit_index)
-    return {"step": step + 1, "cache": cache, "logits": logits[:, 0], "tokens": tokens,
+    out = llama.decode_unrolled(cfg, params, layers, tok[:, None], pos[:, None], carry["cache"],
+                                prompt_len + step, digit_index)
+    return {"step": step + 1, "cache": out.cache, "logits": out.logits[:, 0], "tokens": tokens,
             "logprobs": logps, "lengths": lengths, "done": done, "finished": carry["finished"]
             | ended, **new}
 
