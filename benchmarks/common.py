@@ -31,6 +31,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from starjax import xla_flags
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 # Outside the repository, so cached measurements are never committed.
@@ -255,10 +257,9 @@ def device_peak_mem_mb(device: Any) -> float | None:
 def child_env() -> dict[str, str]:
   """Environment for benchmark subprocesses: repo importable, no fake-device XLA flag."""
   env = dict(os.environ)
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags = xla_flags.with_device_count(env.get("XLA_FLAGS", ""), None)
   if flags:
-    env["XLA_FLAGS"] = " ".join(flags)
+    env["XLA_FLAGS"] = flags
   else:
     env.pop("XLA_FLAGS", None)
   env["PYTHONPATH"] = os.pathsep.join(

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 
+from starjax import xla_flags
+
 FAST_COMPILE = ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=0")
-DEVICE_FLAG = "--xla_force_host_platform_device_count"
+DEVICE_FLAG = xla_flags.DEVICE_FLAG
 
 
 def flags(devices: int | None = None, base: str | None = None) -> str:
@@ -21,11 +23,8 @@ def flags(devices: int | None = None, base: str | None = None) -> str:
   With `devices`, any device count in `base` is replaced by that many fake CPU devices.
   """
   base = os.environ.get("XLA_FLAGS", "") if base is None else base
-  out = [f for f in base.split() if not (devices and f.startswith(DEVICE_FLAG))]
-  out += [f for f in FAST_COMPILE if f not in out]
-  if devices:
-    out.append(f"{DEVICE_FLAG}={devices}")
-  return " ".join(out)
+  out = (xla_flags.with_device_count(base, devices) if devices else base).split()
+  return " ".join(out + [f for f in FAST_COMPILE if f not in out])
 
 
 def env(devices: int | None = None, **extra: str) -> dict[str, str]:

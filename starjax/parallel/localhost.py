@@ -20,6 +20,8 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
+from starjax import xla_flags
+
 
 def free_port() -> int:
   """A TCP port on localhost that was free a moment ago."""
@@ -32,10 +34,8 @@ def process_env(process_id: int, num_processes: int, devices: int, port: int,
                 base: Mapping[str, str] | None = None) -> dict[str, str]:
   """Environment of one process: fake CPU devices plus the multi-process variables."""
   env = dict(os.environ if base is None else base)
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
   env.update({
-      "XLA_FLAGS": " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
+      "XLA_FLAGS": xla_flags.with_device_count(env.get("XLA_FLAGS", ""), devices),
       "JAX_PLATFORMS": "cpu",
       "STARJAX_DISTRIBUTED": "1",
       "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",

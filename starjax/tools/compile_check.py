@@ -28,15 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from starjax import xla_flags
+
 GB = 1e9
 STEPS = ("train", "quiet_star")
-_DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
@@ -98,8 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def force_host_devices(n: int) -> None:
   """Makes the CPU backend expose `n` devices; must run before jax initialises a backend."""
-  flags = re.sub(rf"{_DEVICE_FLAG}=\S+", "", os.environ.get("XLA_FLAGS", "")).strip()
-  os.environ["XLA_FLAGS"] = f"{flags} {_DEVICE_FLAG}={n}".strip()
+  os.environ["XLA_FLAGS"] = xla_flags.with_device_count(os.environ.get("XLA_FLAGS", ""), n)
   os.environ["JAX_PLATFORMS"] = "cpu"
 
 
