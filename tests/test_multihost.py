@@ -242,6 +242,19 @@ def test_initialize_reads_the_launcher_environment(monkeypatch):
   assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
 
 
+def test_device_count_flag_is_replaced_or_dropped_and_other_flags_kept():
+  from starjax import xla_flags
+
+  flags = "--a=1 --xla_force_host_platform_device_count=8 --b"
+  assert xla_flags.with_device_count(flags, 4) == (
+      "--a=1 --b --xla_force_host_platform_device_count=4")
+  assert xla_flags.with_device_count(flags, None) == "--a=1 --b"
+  assert xla_flags.with_device_count("", None) == ""
+  env = localhost.process_env(0, 2, 2, 1234, base={"XLA_FLAGS": flags})
+  assert env["XLA_FLAGS"].split().count("--xla_force_host_platform_device_count=2") == 1
+  assert "--xla_force_host_platform_device_count=8" not in env["XLA_FLAGS"]
+
+
 @pytest.mark.needs_8_devices
 def test_helpers_reduce_to_plain_calls_on_one_process():
   mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=4))
