@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import xla_env
 
-from starjax import models
+from starjax import models, parallel
 from starjax.quiet_star import evaluate as qs_eval
 from starjax.quiet_star import forward as fwd
 from starjax.quiet_star import generate, inference, objective
@@ -178,6 +178,24 @@ def test_batch_rows_equal_rows_alone():
     assert both.thoughts_of(i) == alone.thoughts_of(0)
     np.testing.assert_allclose(both.logits[i, :n], alone.logits[0, :n], atol=1e-5)
     np.testing.assert_allclose(both.mixing_weights[i], alone.mixing_weights[0], atol=1e-6)
+
+
+@pytest.mark.needs_8_devices
+@pytest.mark.parametrize("mesh_cfg", [parallel.MeshConfig(data=8),
+                                      parallel.MeshConfig(data=2, fsdp=4)], ids=["1x8", "2x4"])
+def test_one_device_equals_a_mesh(mesh_cfg):
+  params = _params()
+  prompts = PROMPTS * 3  # 9 prompts: batch padding rows on every mesh.
+  dc = dataclasses.replace(SAMPLE, eos_id=17)
+  ref = inference.generate_with_thoughts(params, prompts, CFG, MODEL, dc, seed=4,
+                                         return_logits=True)
+  out = inference.generate_with_thoughts(params, prompts, CFG, MODEL, dc, seed=4,
+                                         return_logits=True, mesh=parallel.make_mesh(mesh_cfg))
+  np.testing.assert_array_equal(out.tokens, ref.tokens)
+  np.testing.assert_array_equal(out.thoughts, ref.thoughts)
+  np.testing.assert_array_equal(out.lengths, ref.lengths)
+  np.testing.assert_allclose(out.logits, ref.logits, atol=1e-5)
+  np.testing.assert_allclose(out.mixing_weights, ref.mixing_weights, atol=1e-6)
 
 
 def _stacked_weight_ops_in_loops(jaxpr, shapes, in_loop=False) -> int:

@@ -38,10 +38,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from starjax.models import llama
 from starjax.models.config import ModelConfig
+from starjax.parallel import multihost
 from starjax.quiet_star import forward as fwd
 from starjax.quiet_star import objective, sampling
 from starjax.quiet_star.config import QuietStarConfig
@@ -178,13 +181,15 @@ def _generate_local(params: Params, layers: list[Params], prompts: Array, positi
 
 @functools.lru_cache(maxsize=32)
 def compiled_generate(cfg: QuietStarConfig, model_cfg: ModelConfig, dc: DecodeConfig,
-                      thoughts: bool = True, with_logits: bool = False):
+                      thoughts: bool = True, with_logits: bool = False, mesh: Mesh | None = None):
   """The jitted generate(params, layers, prompts, positions, text_keys, thought_keys) -> dict.
 
   One compile per settings (and per shape): layers = `sampling.core.split_layers(params["lm"],
   n_layers)`, prompts int (B, P) left-padded, positions (B, P) with -1 on padding, keys (B,) from
   `stream_keys`. Returns tokens, logprobs, weights (B, N), thoughts (B, N, M), lengths, finished
-  (B,), and logits (B, N, V) float32 if `with_logits`.
+  (B,), and logits (B, N, V) float32 if `with_logits`. With a `mesh`, the prompt rows are split
+  over its batch axes (`sampling.core.row_sharding`; B must divide) under `shard_map`, the weights
+  replicated: each device decodes its own rows and stops when they are done.
   """
   if model_cfg.digit_positions or model_cfg.position_coupling:
     raise NotImplementedError("Quiet-STaR generation does not support digit-index embeddings or "
@@ -192,7 +197,12 @@ def compiled_generate(cfg: QuietStarConfig, model_cfg: ModelConfig, dc: DecodeCo
                               "model.position_coupling).")
   fn = functools.partial(_generate_local, cfg=cfg, model_cfg=model_cfg.replace(remat="none"),
                          dc=dc, thoughts=thoughts, with_logits=with_logits)
-  return jax.jit(fn)
+  if mesh is None:
+    return jax.jit(fn)
+  rows, replicated = core.row_sharding(mesh), NamedSharding(mesh, P())
+  fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P()) + (rows.spec,) * 4, out_specs=rows.spec,
+                     check_vma=False)
+  return jax.jit(fn, in_shardings=(replicated, replicated) + (rows,) * 4, out_shardings=rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +259,7 @@ def generate_with_thoughts(params: Params, prompts: Sequence[Sequence[int]], cfg
                            thoughts: bool = True, prompt_ids: Sequence[int] | None = None,
                            batch_size: int = 16, max_cache_len: int | None = None,
                            min_prompt_bucket: int = 16, return_logits: bool = False,
-                           progress: bool = False) -> ThoughtSamples:
+                           mesh: Mesh | None = None, progress: bool = False) -> ThoughtSamples:
   """Thought-augmented sampling from token prompts (see the module docstring).
 
   Args:
@@ -266,6 +276,8 @@ def generate_with_thoughts(params: Params, prompts: Sequence[Sequence[int]], cfg
     max_cache_len: the most KV-cache slots a row may use (default model_cfg.max_seq_len).
     min_prompt_bucket: smallest prompt-length bucket (prompts are left-padded to a power of 2).
     return_logits: also return the mixed logits of every step (N, max_new_tokens, vocab).
+    mesh: optional mesh: each batch's rows are split over its batch axes ('data', 'fsdp'), so
+      `batch_size` is rounded up to a multiple of their size; results equal those on one device.
     progress: tqdm bar over batches.
 
   Returns:
@@ -296,8 +308,12 @@ def generate_with_thoughts(params: Params, prompts: Sequence[Sequence[int]], cfg
   ids = np.arange(len(prompts)) if prompt_ids is None else np.asarray(prompt_ids)
   if len(ids) != len(prompts):
     raise ValueError(f"{len(ids)} prompt_ids for {len(prompts)} prompts.")
-  batch_size = min(batch_size, _bucket(len(prompts), 1))
-  fn = compiled_generate(cfg, model_cfg, dc, thoughts, return_logits)
+  shards = core.batch_shards(mesh)
+  batch_size = -(-min(batch_size, _bucket(len(prompts), 1)) // shards) * shards
+  fn = compiled_generate(cfg, model_cfg, dc, thoughts, return_logits, mesh)
+  multiprocess = mesh is not None and multihost.is_multiprocess()
+  if mesh is not None:
+    params = multihost.global_from_host(params, NamedSharding(mesh, P()))
   layers = core.split_layers(params["lm"], model_cfg.n_layers)  # Once per call, not per batch.
   n, m = len(prompts), cfg.n_sampled if thoughts else 0
   out = {"tokens": np.zeros((n, n_new), np.int32), "lengths": np.zeros((n,), np.int32),
@@ -317,8 +333,10 @@ def generate_with_thoughts(params: Params, prompts: Sequence[Sequence[int]], cfg
       pos[r, plen - lens[i]:] = np.arange(lens[i])
     pos[len(chunk):, -1] = 0  # Filler rows get one token so they stay finite; dropped.
     row_ids = np.concatenate([ids[chunk], np.full(batch_size - len(chunk), -1)])
-    text_keys, thought_keys = stream_keys(seed, row_ids)
-    res = jax.device_get(fn(params, layers, toks, pos, text_keys, thought_keys))
+    inputs = (toks, pos, *stream_keys(seed, row_ids))
+    if multiprocess:  # Every process holds the whole batch; each places its own devices' rows.
+      inputs = multihost.global_from_host(inputs, core.row_sharding(mesh))
+    res = multihost.to_host(fn(params, layers, *inputs))  # Gathered when rows span processes.
     for k in out:
       out[k][start:start + len(chunk)] = res[k][:len(chunk)]
   return ThoughtSamples(tokens=out["tokens"], lengths=out["lengths"], thoughts=out["thoughts"],
@@ -356,6 +374,7 @@ def generate_text_with_thoughts(params: Params, tok: Any, prompts: Sequence[str]
                                 stop: Sequence[str] = (), seed: int = 0, thoughts: bool = True,
                                 add_bos: bool = True, prompt_ids: Sequence[int] | None = None,
                                 batch_size: int = 16, max_cache_len: int | None = None,
+                                mesh: Mesh | None = None,
                                 progress: bool = False) -> list[ThoughtCompletion]:
   """Text in, text and thoughts out (`generate_with_thoughts` on the tokenizer's ids).
 
@@ -379,7 +398,7 @@ def generate_text_with_thoughts(params: Params, tok: Any, prompts: Sequence[str]
                     pad_id=tok.pad_id)
   res = generate_with_thoughts(params, [tok.encode(p, add_bos=add_bos) for p in prompts], cfg,
                                model_cfg, dc, seed=seed, thoughts=thoughts, prompt_ids=prompt_ids,
-                               batch_size=batch_size, max_cache_len=max_cache_len,
+                               batch_size=batch_size, max_cache_len=max_cache_len, mesh=mesh,
                                progress=progress)
   out = []
   for i in range(len(prompts)):
@@ -401,11 +420,10 @@ def generate_text_with_thoughts(params: Params, tok: Any, prompts: Sequence[str]
 
 
 def thought_lm_generator(params: Params, model_cfg: ModelConfig, tok: Any, cfg: QuietStarConfig,
-                         mesh: Any = None, batch_size: int = 16,
+                         mesh: Mesh | None = None, batch_size: int = 16,
                          progress: bool = False) -> Any:
   """A `quiet_star.evaluate.TextGenerator` that thinks before every token (registered there as
-  "thoughts"). `mesh` is not used: the batch runs where the parameters live."""
-  del mesh
+  "thoughts"); with a `mesh`, each batch's rows are split over its batch axes."""
 
   def generate(prompts: Sequence[str], req: Any) -> list[list[str]]:
     k = req.num_samples
@@ -413,7 +431,7 @@ def thought_lm_generator(params: Params, model_cfg: ModelConfig, tok: Any, cfg: 
     res = generate_text_with_thoughts(
         params, tok, flat, cfg, model_cfg, max_new_tokens=req.max_new_tokens, greedy=req.greedy,
         temperature=req.temperature, stop=req.stop, seed=req.seed, batch_size=batch_size,
-        progress=progress)
+        mesh=mesh, progress=progress)
     return [[res[i * k + s].text for s in range(k)] for i in range(len(prompts))]
 
   return generate
