@@ -120,7 +120,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  "the JSON instead of the text).")
   p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                  help="Dim the thoughts (auto: when stdout is a terminal).")
-  p.add_argument("--batch_size", type=int, default=16)
+  p.add_argument("--batch_size", type=int, default=16,
+                 help="Prompts per device call (rounded up to a multiple of the run mesh's batch "
+                 "shards, over which each call's rows are split).")
   args = p.parse_args(argv)
   args.prompt = [_unescape(x) for x in args.prompt]
   args.stop = [_unescape(x) for x in args.stop]
@@ -153,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         params, s.tok, args.prompt, s.cfg, s.model_cfg, max_new_tokens=args.max_new_tokens,
         greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         stop=args.stop, seed=args.seed, thoughts=not args.no_thoughts,
-        batch_size=args.batch_size)
+        batch_size=args.batch_size, mesh=s.mesh)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
