@@ -243,10 +243,6 @@ class ThoughtSamples:
     return self.thoughts[i, :self.lengths[i]].tolist()
 
 
-def _bucket(n: int, minimum: int) -> int:
-  return max(minimum, 1 << max(n - 1, 0).bit_length())
-
-
 def cache_slots(prompt_len: int, max_new_tokens: int, cfg: QuietStarConfig,
                 thoughts: bool = True) -> int:
   """KV-cache slots one row needs: prompt + new tokens + the thought scratch (M + 2, the last
@@ -308,8 +304,7 @@ def generate_with_thoughts(params: Params, prompts: Sequence[Sequence[int]], cfg
   ids = np.arange(len(prompts)) if prompt_ids is None else np.asarray(prompt_ids)
   if len(ids) != len(prompts):
     raise ValueError(f"{len(ids)} prompt_ids for {len(prompts)} prompts.")
-  shards = core.batch_shards(mesh)
-  batch_size = -(-min(batch_size, _bucket(len(prompts), 1)) // shards) * shards
+  batch_size = core.rows_per_call(len(prompts), batch_size, mesh)
   fn = compiled_generate(cfg, model_cfg, dc, thoughts, return_logits, mesh)
   multiprocess = mesh is not None and multihost.is_multiprocess()
   if mesh is not None:
@@ -325,7 +320,7 @@ def generate_with_thoughts(params: Params, prompts: Sequence[Sequence[int]], cfg
   for start in tqdm(range(0, n, batch_size), desc="think+sample", disable=not progress,
                     dynamic_ncols=True):
     chunk = list(range(start, min(start + batch_size, n)))
-    plen = min(_bucket(max(lens[i] for i in chunk), min_prompt_bucket), max_cache_len - extra)
+    plen = min(core.bucket(max(lens[i] for i in chunk), min_prompt_bucket), max_cache_len - extra)
     toks = np.full((batch_size, plen), dc.pad_id, np.int32)
     pos = np.full((batch_size, plen), -1, np.int32)
     for r, i in enumerate(chunk):

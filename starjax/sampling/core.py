@@ -259,6 +259,19 @@ def row_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(batch_axes))
 
 
+def bucket(n: int, minimum: int) -> int:
+  """The smallest power of 2 >= n, at least `minimum`: prompt lengths and batch sizes are padded
+  to these so a sampling call compiles once per bucket."""
+  return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def rows_per_call(n_prompts: int, batch_size: int, mesh: Mesh | None) -> int:
+  """Prompt rows per device call: `batch_size`, or the bucket of `n_prompts` if smaller, rounded
+  up to a multiple of the mesh's batch shards."""
+  shards = batch_shards(mesh)
+  return -(-min(batch_size, bucket(n_prompts, 1)) // shards) * shards
+
+
 def batch_shards(mesh: Mesh | None) -> int:
   """How many ways the prompt batch is split (a batch must be a multiple of this)."""
   if mesh is None:

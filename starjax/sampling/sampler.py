@@ -49,14 +49,6 @@ class SampleOutput:
     return self.tokens[i, k, :self.lengths[i, k]].tolist()
 
 
-def _bucket(n: int, minimum: int) -> int:
-  return max(minimum, 1 << max(n - 1, 0).bit_length())
-
-
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
-
 def generate_tokens(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
                     dc: DecodeConfig, *, num_samples: int = 1, seed: int = 0,
                     mesh: Mesh | None = None, batch_size: int = 32, max_cache_len: int | None = None,
@@ -95,8 +87,7 @@ def generate_tokens(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[in
     raise ValueError(f"Prompt {worst} has {longest} tokens; with max_new_tokens="
                      f"{dc.max_new_tokens} that exceeds the cache length {max_cache_len}.")
   ids = np.arange(len(prompts)) if prompt_ids is None else np.asarray(prompt_ids)
-  shards = core.batch_shards(mesh)
-  batch_size = _round_up(min(batch_size, _bucket(len(prompts), 1)), shards)
+  batch_size = core.rows_per_call(len(prompts), batch_size, mesh)
   fn = core.compiled_generate(cfg, dc, mesh)
   multiprocess = mesh is not None and multihost.is_multiprocess()
   if mesh is not None:
@@ -110,7 +101,7 @@ def generate_tokens(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[in
   starts = range(0, n, batch_size)
   for start in tqdm(starts, desc="sample", disable=not progress, dynamic_ncols=True):
     chunk = list(range(start, min(start + batch_size, n)))
-    plen = min(_bucket(max(len(prompts[i]) for i in chunk), min_prompt_bucket),
+    plen = min(core.bucket(max(len(prompts[i]) for i in chunk), min_prompt_bucket),
                max_cache_len - m)
     toks = np.full((batch_size, plen), dc.pad_id, np.int32)
     pos = np.full((batch_size, plen), -1, np.int32)
