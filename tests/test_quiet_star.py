@@ -15,6 +15,7 @@ from starjax.quiet_star import attention as qs_attn
 from starjax.quiet_star import forward as fwd
 from starjax.quiet_star import objective, sampling
 from starjax.quiet_star.config import QuietStarConfig
+from starjax.sampling import core as sampling_core
 
 MODEL = models.ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
 # Qwen-style biases, tied head, and a sliding window short enough to bind inside thoughts.
@@ -215,7 +216,8 @@ def _sequential_thoughts(params, batch, cfg, model_cfg):
     if cfg.greedy_thoughts:
       return jnp.argmax(z, -1)
     keys = jax.vmap(lambda a, b_, c: sampling.token_key(KEY, a, b_, c, k))(ids, p, t)
-    return jax.vmap(jax.random.categorical)(keys, z / cfg.thought_temperature)
+    # The draw itself is checked against float64 softmax in test_sampling.py.
+    return sampling_core.sample_categorical(keys, z / cfg.thought_temperature)
 
   out = np.zeros((b, cfg.n_passes, cfg.n_sampled, n), np.int32)
   for k in range(1, cfg.n_sampled + 1):

@@ -101,6 +101,31 @@ def test_sampling_frequencies_follow_the_distribution():
   np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.015)
 
 
+@pytest.mark.parametrize("vocab,block", [(600, 256), (50, 7), (5, 256)])
+def test_inverse_cdf_sampling_matches_float64_softmax(vocab, block):
+  """Two-level inverse-CDF draws follow softmax(logits) (float64 numpy) across block edges,
+  including a partial last block, and never pick a masked (zero-probability) token."""
+  rng = np.random.default_rng(vocab)
+  logits = np.full(vocab, core.NEG_INF, np.float32)
+  hot = rng.choice(vocab, size=min(6, vocab - 1), replace=False)  # Spread over the blocks.
+  logits[hot] = rng.normal(size=len(hot)) * 1.5
+  logits[vocab - 1] = 0.5  # The last entry of the partial last block.
+  probs = np.exp(logits.astype(np.float64) - logits.max())
+  probs /= probs.sum()
+  n = 20000
+  keys = jax.random.split(jax.random.key(vocab), n)
+  toks = np.asarray(jax.jit(lambda k: core.sample_categorical(
+      k, jnp.broadcast_to(jnp.asarray(logits), (n, vocab)), block=block))(keys))
+  freq = np.bincount(toks, minlength=vocab) / n
+  assert freq[logits <= core.NEG_INF].sum() == 0
+  np.testing.assert_allclose(freq, probs, atol=0.015)
+
+
+def test_first_argmax_equals_argmax_with_ties():
+  logits = jnp.asarray(np.random.default_rng(0).integers(0, 4, size=(64, 300)), jnp.float32)
+  np.testing.assert_array_equal(core.first_argmax(logits), np.argmax(np.asarray(logits), -1))
+
+
 def test_stop_sequences_and_eos_end_rows_without_touching_others(params):
   free = generate_tokens(CFG, params, PROMPTS, DecodeConfig(max_new_tokens=10, greedy=True))
   # Choose a stop pair from row 0's own output, and EOS = a token from row 2.

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from starjax.models.config import ModelConfig
 from starjax.quiet_star import forward as fwd
 from starjax.quiet_star.config import QuietStarConfig
+from starjax.sampling import core as sampling_core
 
 Array = jax.Array
 
@@ -54,11 +55,10 @@ def choose_tokens(logits: Array, keys: Array | None, cfg: QuietStarConfig) -> Ar
   `greedy_thoughts`.
   """
   if cfg.greedy_thoughts:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return sampling_core.first_argmax(logits)
   lead = logits.shape[:-1]
   flat = logits.reshape(-1, logits.shape[-1]) / cfg.thought_temperature
-  toks = jax.vmap(jax.random.categorical)(keys.reshape(-1), flat)
-  return toks.reshape(lead).astype(jnp.int32)
+  return sampling_core.sample_categorical(keys.reshape(-1), flat).reshape(lead)
 
 
 def make_chooser(rkeys: Array | None, cfg: QuietStarConfig, forced: Array | None = None

@@ -120,6 +120,44 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
   return logits
 
 
+def first_argmax(logits: jax.Array) -> jax.Array:
+  """`jnp.argmax` over the last axis (first index of the maximum), as two plain reductions.
+
+  XLA:CPU runs argmax as a variadic (value, index) reduction that does not vectorize: 6 ms for
+  32 rows of 49,152 logits against 1.4 ms here, on every greedy decode step.
+  """
+  v = logits.shape[-1]
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  return jnp.min(jnp.where(logits == top, iota, v), axis=-1)
+
+
+def sample_categorical(keys: jax.Array, logits: jax.Array, block: int = 256) -> jax.Array:
+  """One token per row of `logits` (R, V), drawn with probability softmax(logits), keys (R,).
+
+  Inverse-CDF sampling in two levels: a block of `block` tokens with probability proportional to
+  its mass, then a token inside it, each with its own uniform draw. Equivalent in distribution
+  to `jax.random.categorical`, whose Gumbel noise costs a random number and two logs per
+  vocabulary entry: 32 ms per step for 32 rows of 49,152 logits on a 2-core CPU, against about
+  1 ms here. Tokens with zero probability (logits at NEG_INF) are never drawn.
+  """
+  r, v = logits.shape
+  nb = -(-v // block)
+  w = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  w = jnp.pad(w, ((0, 0), (0, nb * block - v))).reshape(r, nb, block)
+  u = jax.vmap(lambda k: jax.random.uniform(k, (2,)))(keys)
+
+  def pick(weights, u):  # First index whose running sum exceeds u * total, among weights > 0.
+    cum = jnp.cumsum(weights, axis=-1)
+    i = jnp.sum(cum <= u[:, None] * cum[:, -1:], axis=-1)
+    last = weights.shape[-1] - 1 - jnp.argmax(weights[:, ::-1] > 0, axis=-1)  # Rounding guard.
+    return jnp.minimum(i, last)
+
+  b = pick(w.sum(axis=-1), u[:, 0])
+  j = pick(jnp.take_along_axis(w, b[:, None, None], axis=1)[:, 0], u[:, 1])
+  return (b * block + j).astype(jnp.int32)
+
+
 def choose_tokens(logits: jax.Array, keys: jax.Array, dc: DecodeConfig) -> jax.Array:
   """One token per row of `logits` (R, V) with per-row `keys` (R,)."""
   logits = logits.astype(jnp.float32)
@@ -128,9 +166,9 @@ def choose_tokens(logits: jax.Array, keys: jax.Array, dc: DecodeConfig) -> jax.A
   if dc.vocab_limit is not None and dc.vocab_limit < logits.shape[-1]:
     logits = logits.at[:, dc.vocab_limit:].set(NEG_INF)
   if dc.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return first_argmax(logits)
   logits = filter_logits(logits / dc.temperature, dc.top_k, dc.top_p)
-  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+  return sample_categorical(keys, logits)
 
 
 def stopped(tokens: jax.Array, step: jax.Array, dc: DecodeConfig) -> jax.Array:
