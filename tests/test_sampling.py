@@ -121,9 +121,10 @@ def test_inverse_cdf_sampling_matches_float64_softmax(vocab, block):
   np.testing.assert_allclose(freq, probs, atol=0.015)
 
 
-def test_first_argmax_equals_argmax_with_ties():
-  logits = jnp.asarray(np.random.default_rng(0).integers(0, 4, size=(64, 300)), jnp.float32)
-  np.testing.assert_array_equal(core.first_argmax(logits), np.argmax(np.asarray(logits), -1))
+def test_first_argmax_equals_argmax_with_ties_and_nan():
+  logits = np.random.default_rng(0).integers(0, 4, size=(64, 300)).astype(np.float32)
+  logits[5, 17] = logits[5, 40] = np.nan  # argmax returns the first NaN.
+  np.testing.assert_array_equal(core.first_argmax(jnp.asarray(logits)), np.argmax(logits, -1))
 
 
 def test_stop_sequences_and_eos_end_rows_without_touching_others(params):
