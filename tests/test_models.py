@@ -158,6 +158,33 @@ def test_model_skips_causal_blocks_without_changing_logits_or_grads(monkeypatch)
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
 
 
+def test_xla_attention_setting_matches_cpu_kernel_and_cudnn_needs_a_gpu():
+  """`attention="xla"` (jax.nn's XLA kernel) gives the CPU recompute kernel's logits and
+  gradients on packed rows; "cudnn" off GPU is a clear error; unknown names are refused."""
+  cfg = models.preset("tiny")
+  params = _random_params(cfg)
+  tokens = jax.random.randint(jax.random.key(6), (2, 9), 0, cfg.vocab_size)
+  seg = jnp.asarray([[1] * 4 + [2] * 3 + [0] * 2, [1] * 9])
+  pos = jnp.asarray([list(range(4)) + list(range(3)) + [-1, -1], list(range(9))])
+
+  def run(c):
+    def loss(p):
+      out = models.forward(c, p, tokens, pos, segment_ids=seg).logits
+      return jnp.where(seg[..., None] > 0, jnp.tanh(out), 0.0).sum(), out
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  (_, a), ga = run(cfg)
+  (_, b), gb = run(cfg.replace(attention="xla"))
+  valid = np.asarray(seg) > 0
+  np.testing.assert_allclose(np.asarray(a)[valid], np.asarray(b)[valid], atol=1e-5)
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="needs the GPU backend"):
+    run(cfg.replace(attention="cudnn"))
+  with pytest.raises(ValueError, match="attention='flash'"):
+    cfg.replace(attention="flash")
+
+
 def test_packed_segments_equal_separate_sequences():
   cfg = models.preset("tiny")
   params = _random_params(cfg)

@@ -87,7 +87,7 @@ def make_attention_mask(q_pos: jax.Array, k_pos: jax.Array, *, q_seg: jax.Array 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           mask: jax.Array | CausalMask | None = None,
-                          operand_dtype: Any = None) -> jax.Array:
+                          operand_dtype: Any = None, impl: str = "auto") -> jax.Array:
   """Softmax attention with grouped-query heads.
 
   Args:
@@ -98,28 +98,50 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       (B, T, S) or (B, H, T, S).
     operand_dtype: dtype of the matmul operands on CPU (e.g. bf16 with f32 activations; see
       `starjax.models.matmul`); default q's dtype. Elsewhere the products take q's dtype.
+    impl: "auto", "xla" or "cudnn" (`ModelConfig.attention`).
 
   Returns:
     (B, T, H, D) in q's dtype.
 
-  On CPU this is `recompute_attention`: the backward pass recomputes the probabilities instead of
-  keeping them. In XLA's graph, the saved probabilities, their stacking across the scanned layers
-  and a transpose with a size-3 minor dimension took over half of a SmolLM2-135M training step at
-  1024 tokens on a 2-core Xeon; with `starjax.models.matmul`, that step went from 18.5 to 7.8 s.
-  Elsewhere it is `jax.nn.dot_product_attention` (XLA implementation; accelerator compilers
-  fuse it well). A query row with every key masked gets uniform weights (finite), never NaN.
+  "auto" on CPU is `recompute_attention`: the backward pass recomputes the probabilities instead
+  of keeping them. In XLA's graph, the saved probabilities, their stacking across the scanned
+  layers and a transpose with a size-3 minor dimension took over half of a SmolLM2-135M training
+  step at 1024 tokens on a 2-core Xeon; with `starjax.models.matmul`, that step went from 18.5 to
+  7.8 s. On GPU, "auto" takes cuDNN's flash attention for bf16/fp16 passes under a `CausalMask`
+  (training rows; see `use_cudnn`), which never materialises the (T, S) probabilities and skips
+  the blocks above the diagonal; everything else is `jax.nn.dot_product_attention`'s XLA
+  implementation. A query row with every key masked gets finite weights, never NaN.
   """
-  if matmul_lib.cpu_kernels():
+  if impl not in ("auto", "xla", "cudnn"):
+    raise ValueError(f"attention impl={impl!r}; expected 'auto', 'xla' or 'cudnn'.")
+  if impl == "auto" and matmul_lib.cpu_kernels():
     return recompute_attention(q, k, v, mask, operand_dtype)
-  if isinstance(mask, CausalMask):
+  causal = isinstance(mask, CausalMask)
+  if causal:
     mask = mask.mask
+  if impl == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(f"attention='cudnn' needs the GPU backend; this one is "
+                     f"{jax.default_backend()!r}. Use 'auto' or 'xla'.")
+  use_cudnn = impl == "cudnn" or (impl == "auto" and causal and use_cudnn_flash(q, k))
   bias = None
   if mask is not None and mask.dtype != jnp.bool_:
     bias = (mask[:, None] if mask.ndim == 3 else mask).astype(q.dtype)
     mask = None
   elif mask is not None:
     mask = mask[:, None]
+  if use_cudnn:
+    # The mask goes in as an additive bias (segments, padding); `is_causal` lets cuDNN skip the
+    # key blocks above the diagonal, which the mask of a `CausalMask` has masked anyway.
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal,
+                                        implementation="cudnn")
   return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation="xla")
+
+
+def use_cudnn_flash(q: jax.Array, k: jax.Array) -> bool:
+  """Whether "auto" attention takes cuDNN flash attention: on GPU, with bf16/fp16 operands, a
+  head width cuDNN supports (a multiple of 8, at most 128) and as many keys as queries."""
+  return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+          and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and q.shape[1] == k.shape[1])
 
 
 def recompute_attention(q: jax.Array, k: jax.Array, v: jax.Array,

@@ -12,6 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,6 +39,9 @@ class ModelConfig:
     max_seq_len: longest sequence the model is meant for (sizes default KV caches).
     dtype: compute dtype ("float32" or "bfloat16"); parameters stay float32 (master weights).
     remat: rematerialisation policy per layer: "none", "full" or "dots" (save matmul outputs).
+    attention: attention kernel (`starjax.models.attention.dot_product_attention`): "auto" (the
+      CPU recompute kernel on CPU; cuDNN flash attention on GPU for bf16 causal passes; XLA
+      otherwise), "xla" (XLA's implementation on every backend) or "cudnn" (GPU, bf16/fp16).
     init_std: standard deviation of the normal initialiser (HF's `initializer_range`).
     digit_positions: rows of the digit-index embedding (`starjax.models.abacus`); 0 = none.
       Indices at or beyond it share the last row.
@@ -66,6 +70,7 @@ class ModelConfig:
   max_seq_len: int = 2048
   dtype: str = "float32"
   remat: str = "none"
+  attention: str = "auto"
   init_std: float = 0.02
   digit_positions: int = 0
   digit_ids: tuple[int, ...] = ()
@@ -87,6 +92,8 @@ class ModelConfig:
       raise ValueError(f"dtype={self.dtype!r}; expected one of {sorted(_DTYPES)}.")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"remat={self.remat!r}; expected 'none', 'full' or 'dots'.")
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(f"attention={self.attention!r}; expected one of {ATTENTION_IMPLS}.")
     if self.digit_positions and not self.digit_ids:
       raise ValueError("digit_positions > 0 needs digit_ids (the digit tokens' ids).")
     if self.digit_offset < 0 or (self.digit_offset and self.digit_offset >= self.digit_positions):

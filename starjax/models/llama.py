@@ -119,7 +119,8 @@ class Attention(nn.Module):
       ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
       cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
       k, v, kv = ck.astype(q.dtype), cv.astype(q.dtype), (ck, cv)
-    o = attn_lib.dot_product_attention(q, k, v, mask, operand_dtype=_matmul_dtype(self.cfg))
+    o = attn_lib.dot_product_attention(q, k, v, mask, operand_dtype=_matmul_dtype(self.cfg),
+                                       impl=self.cfg.attention)
     return self.out(o), kv
 
 

@@ -165,7 +165,8 @@ def base_pass(lm: Params, tokens: Array, valid: Array, model_cfg: ModelConfig) -
 
   def layer(x, lp):
     return _layer(lp, x, positions, model_cfg,
-                  lambda q, k, v: (attn_lib.dot_product_attention(q, k, v, mask), (k, v)))
+                  lambda q, k, v: (attn_lib.dot_product_attention(
+                      q, k, v, mask, impl=model_cfg.attention), (k, v)))
 
   x = embed_tokens(lm, tokens, model_cfg)
   x, (ks, vs) = jax.lax.scan(_maybe_remat(layer, model_cfg), x, lm["layers"])
