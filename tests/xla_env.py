@@ -9,11 +9,26 @@ flags; the library, `make demo` and the benchmarks run with XLA's defaults.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 
 from starjax import xla_flags
 
-FAST_COMPILE = ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=0")
+
+def _fast_compile() -> tuple[str, ...]:
+  """The fast-compile flags this jaxlib knows. XLA aborts the process on an unknown flag, and
+  jaxlib 0.11 no longer has the fusion-emitter switch (seen on 0.11.2, 2026-12-04)."""
+  flags = ["--xla_backend_optimization_level=0"]
+  try:
+    major, minor = (int(x) for x in importlib.metadata.version("jaxlib").split(".")[:2])
+  except (importlib.metadata.PackageNotFoundError, ValueError):
+    major, minor = 0, 10
+  if (major, minor) < (0, 11):
+    flags.insert(0, "--xla_cpu_use_fusion_emitters=false")
+  return tuple(flags)
+
+
+FAST_COMPILE = _fast_compile()
 DEVICE_FLAG = xla_flags.DEVICE_FLAG
 
 
