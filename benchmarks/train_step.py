@@ -64,13 +64,13 @@ FLOPS_FORMULA = (
 # Shapes and FLOPs.
 
 
-def model_config(model: str, dtype: str, remat: str = "none") -> Any:
+def model_config(model: str, dtype: str, remat: str = "none", attention: str = "auto") -> Any:
   from starjax.models import config as config_lib  # pylint: disable=g-import-not-at-top
 
   spec = MODELS[model]
   if "preset" in spec:
-    return config_lib.preset(spec["preset"], dtype=dtype, remat=remat)
-  return config_lib.ModelConfig(**spec["fields"], dtype=dtype, remat=remat)
+    return config_lib.preset(spec["preset"], dtype=dtype, remat=remat, attention=attention)
+  return config_lib.ModelConfig(**spec["fields"], dtype=dtype, remat=remat, attention=attention)
 
 
 def matmul_params(cfg: Any) -> int:
@@ -200,8 +200,23 @@ def _torch_device(backend: str) -> str | None:
   return None
 
 
+def _attention_kernel(cfg: Any, backend: str) -> str:
+  """The kernel the model's training pass uses (see attention.dot_product_attention)."""
+  if cfg.attention == "auto":
+    if backend == "cpu":
+      return "recompute (CPU)"
+    cudnn = backend == "gpu" and cfg.dtype in ("bfloat16", "float16") and (
+        cfg.head_dim % 8 == 0 and cfg.head_dim <= 128)
+    return "cudnn" if cudnn else "xla"
+  return cfg.attention
+
+
 def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   """Measures one configuration; `spec` holds model, seq_len, batch, dtype, remat, steps, ..."""
+  if spec["torch"]:
+    # A GPU peer shares the card: JAX's default preallocation (75%) would leave torch too little
+    # for a ~1B model's AdamW state and activations. No effect on CPU.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -211,7 +226,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   from starjax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
   t_start = time.perf_counter()
-  cfg = model_config(spec["model"], spec["dtype"], spec["remat"])
+  cfg = model_config(spec["model"], spec["dtype"], spec["remat"], spec.get("attention", "auto"))
   batch, seq_len = spec["batch"], spec["seq_len"]
   backend = jax.default_backend()
   device = jax.devices()[0]
@@ -290,7 +305,8 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   tokens = batch * seq_len
   row = {
       "model": spec["model"], "seq_len": seq_len, "dtype": spec["dtype"], "batch": batch,
-      "tokens_per_step": tokens, "remat": spec["remat"], "n_params": cfg.num_params(),
+      "tokens_per_step": tokens, "remat": spec["remat"], "attention": cfg.attention,
+      "attention_kernel": _attention_kernel(cfg, backend), "n_params": cfg.num_params(),
       "step_time_s": jt.median, "tokens_per_s": tokens / jt.median,
       "flops_per_step": train_flops(cfg, batch, seq_len),
       "peak_mem_mb": peak_mem_mb, "peak_mem_source": peak_mem_source,
@@ -360,6 +376,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--tokens-per-step", type=int, default=None,
                  help="Tokens per step for every model (default: per model and backend).")
   p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+  p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
+                 help="ModelConfig.attention: the attention kernel.")
   p.add_argument("--steps", type=int, default=None, help="Timed steps (median reported).")
   p.add_argument("--warmup", type=int, default=1, help="Untimed steps after compiling.")
   p.add_argument("--torch-dtypes", type=_csv, default=None,
@@ -394,6 +412,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   result = {"benchmark": "train_step", "machine": machine, "quick": args.quick,
             "started_at": started, "flops_formula": FLOPS_FORMULA, "ceiling": ceiling,
             "settings": {"steps": steps, "warmup": args.warmup, "remat": args.remat,
+                         "attention": args.attention,
                          "optimizer": "clip_by_global_norm(1.0) + AdamW(lr 1e-4, b=(0.9, 0.95), "
                                       "wd 0.1 on matrices)",
                          "torch_peer": "HF AutoModelForCausalLM (sdpa attention) from "
@@ -407,7 +426,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokens = args.tokens_per_step or TOKENS_PER_STEP[kind][model]
     batch = max(1, tokens // seq_len)
     spec = {"model": model, "seq_len": seq_len, "dtype": dtype, "batch": batch,
-            "remat": args.remat, "steps": steps, "warmup": args.warmup,
+            "remat": args.remat, "attention": args.attention, "steps": steps,
+            "warmup": args.warmup,
             "torch": not args.no_torch and dtype in torch_dtypes,
             "max_s": args.config_timeout_s * 0.8}
     head = {"model": model, "seq_len": seq_len, "dtype": dtype, "batch": batch}
