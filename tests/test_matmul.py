@@ -5,6 +5,7 @@ import re
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -123,3 +124,30 @@ def test_cpu_kernels_can_be_turned_off_for_accelerator_traces():
   finally:
     mm.set_cpu_kernels(True)
   assert mm.cpu_kernels() == (jax.default_backend() == "cpu")
+
+
+def _scan_outputs(jaxpr):
+  """(dtype, shape) of every output of every scan in `jaxpr`, nested jaxprs included."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      out += [(v.aval.dtype, v.aval.shape) for v in eqn.outvars]
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      out += _scan_outputs(sub)
+  return out
+
+
+def test_bf16_residuals_are_stacked_across_layers_as_integer_bits():
+  """XLA CPU rewrites a whole bf16 stack at every dynamic-update-slice, so the layer scan must
+  stack the bf16 residuals of the products and of attention as uint16 bits."""
+  cfg = models.preset("tiny", dtype="bfloat16").replace(n_layers=3)
+  params = llama.init_params(cfg, jax.random.key(0))
+  tokens = jnp.zeros((2, 16), jnp.int32)
+
+  def loss(p):
+    return jnp.sum(llama.forward(cfg, p, tokens).logits.astype(jnp.float32))
+
+  stacked = [(dt, shape) for dt, shape in _scan_outputs(jax.make_jaxpr(jax.grad(loss))(
+      params).jaxpr) if shape and shape[0] == cfg.n_layers]
+  assert any(dt == jnp.uint16 for dt, _ in stacked)
+  assert not [s for s in stacked if s[0] == jnp.bfloat16]

@@ -222,11 +222,13 @@ def _recompute_fwd(qg, kt, vt, mask):
   out = _mm(p.astype(vt.dtype), vt).astype(qg.dtype)
   # The row max and the sum are kept apart: with fully masked rows, max + log(sum) rounds to max.
   stats = (top.reshape(b, kh, 1, m), total.reshape(b, kh, 1, m))
-  return out, (qg, kt, vt, mask, out, stats)
+  pack = matmul_lib.pack_residual
+  return out, (pack(qg), pack(kt), pack(vt), mask, pack(out), stats)
 
 
 def _recompute_bwd(res, d_out):
   qg, kt, vt, mask, out, (top, total) = res
+  qg, kt, vt, out = (matmul_lib.unpack_residual(x) for x in (qg, kt, vt, out))
   b, kh, m, d = qg.shape
   t, s_len = mask.shape[-2:]
   scale = d ** -0.5

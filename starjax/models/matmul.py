@@ -96,17 +96,34 @@ def _operand_dtype(a: Array, b: Array, operand_dtype: Any) -> Any:
   return operand_dtype
 
 
+def pack_residual(x: Array) -> Array:
+  """A custom VJP's bf16 residual as uint16 bits (`unpack_residual` undoes it).
+
+  Residuals saved inside a layer scan are stacked across the layers by dynamic-update-slice, and
+  XLA CPU computes a bf16 dynamic-update-slice in f32: it converts and rewrites the whole
+  (n_layers, ...) stack at every layer. On integer bits the update is in place. SmolLM2-135M bf16
+  step at 1024 tokens: these rewrites took ~1.2 s of a ~6 s step (2-core EPYC, 2026-12-04).
+  """
+  return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+
+
+def unpack_residual(x: Array) -> Array:
+  """The bf16 array behind `pack_residual`'s bits (other dtypes pass through)."""
+  return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
+
+
 def _matmul_fwd(a: Array, b: Array, operand_dtype: Any) -> tuple[Array, tuple[Array, ...]]:
   op = _operand_dtype(a, b, operand_dtype)
   a_c, b_c = a.astype(op), b.astype(op)
   # Empty arrays carry the operands' dtypes to the backward pass (residuals must be arrays).
   dtypes = (jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
-  return dot(a_c, b_c).astype(a.dtype), (a_c, b_c, *dtypes)
+  return dot(a_c, b_c).astype(a.dtype), (pack_residual(a_c), pack_residual(b_c), *dtypes)
 
 
 def _matmul_bwd(operand_dtype: Any, res: tuple[Array, ...], g: Array) -> tuple[Array, Array]:
   del operand_dtype  # The forward's choice is in the residuals' dtype.
   a_c, b_c, a_dtype, b_dtype = res
+  a_c, b_c = unpack_residual(a_c), unpack_residual(b_c)
   g = g.astype(a_c.dtype)
   da = dot(g, transpose_2d(b_c)).astype(a_dtype.dtype)
   db = dot(transpose_2d(a_c), g).astype(b_dtype.dtype)
