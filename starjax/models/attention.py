@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from starjax.models import config as config_lib
 from starjax.models import matmul as matmul_lib
 
 # Finite, so a row with every key masked (a padding query) averages instead of producing NaN.
@@ -108,12 +109,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   layers and a transpose with a size-3 minor dimension took over half of a SmolLM2-135M training
   step at 1024 tokens on a 2-core Xeon; with `starjax.models.matmul`, that step went from 18.5 to
   7.8 s. On GPU, "auto" takes cuDNN's flash attention for bf16/fp16 passes under a `CausalMask`
-  (training rows; see `use_cudnn`), which never materialises the (T, S) probabilities and skips
+  (training rows; see `use_cudnn_flash`), which never materialises the (T, S) probabilities and skips
   the blocks above the diagonal; everything else is `jax.nn.dot_product_attention`'s XLA
   implementation. A query row with every key masked gets finite weights, never NaN.
   """
-  if impl not in ("auto", "xla", "cudnn"):
-    raise ValueError(f"attention impl={impl!r}; expected 'auto', 'xla' or 'cudnn'.")
+  if impl not in config_lib.ATTENTION_IMPLS:
+    raise ValueError(f"attention impl={impl!r}; expected one of {config_lib.ATTENTION_IMPLS}.")
   if impl == "auto" and matmul_lib.cpu_kernels():
     return recompute_attention(q, k, v, mask, operand_dtype)
   causal = isinstance(mask, CausalMask)

@@ -102,7 +102,7 @@ def pack_residual(x: Array) -> Array:
   Residuals saved inside a layer scan are stacked across the layers by dynamic-update-slice, and
   XLA CPU computes a bf16 dynamic-update-slice in f32: it converts and rewrites the whole
   (n_layers, ...) stack at every layer. On integer bits the update is in place. SmolLM2-135M bf16
-  step at 1024 tokens: these rewrites took ~1.2 s of a ~6 s step (2-core EPYC, 2026-12-04).
+  step at 1024 tokens: these rewrites took 0.9-1.2 s of a ~6 s step (2-core EPYC, 2026-12-04).
   """
   return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
 
