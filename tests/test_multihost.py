@@ -194,8 +194,9 @@ def test_killed_process_fails_the_other_quickly(runs):
   assert runs.kill_exit_code not in (None, 0), (
       f"process 0 still running {KILL_DEADLINE_S} s after process 1 was killed")
   assert runs.kill_seconds < KILL_DEADLINE_S
-  assert "another task died" in runs.kill_stderr or "unhealthy" in runs.kill_stderr, (
-      runs.kill_stderr)
+  # The coordination service words it by what the survivor was doing when the peer vanished.
+  markers = ("another task died", "unhealthy", "heartbeat timeout", "remote task has failed")
+  assert any(m in runs.kill_stderr for m in markers), runs.kill_stderr
 
 
 @pytest.mark.slow
