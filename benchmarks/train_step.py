@@ -202,12 +202,12 @@ def _torch_device(backend: str) -> str | None:
 
 def _attention_kernel(cfg: Any, backend: str) -> str:
   """The kernel the model's training pass uses (see attention.dot_product_attention)."""
+  from starjax.models import attention  # pylint: disable=g-import-not-at-top
+
   if cfg.attention == "auto":
     if backend == "cpu":
       return "recompute (CPU)"
-    cudnn = backend == "gpu" and cfg.dtype in ("bfloat16", "float16") and (
-        cfg.head_dim % 8 == 0 and cfg.head_dim <= 128)
-    return "cudnn" if cudnn else "xla"
+    return "cudnn" if attention.cudnn_flash_supported(cfg.compute_dtype, cfg.head_dim) else "xla"
   return cfg.attention
 
 

@@ -138,11 +138,17 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation="xla")
 
 
+def cudnn_flash_supported(dtype: Any, head_dim: int) -> bool:
+  """Whether cuDNN flash attention runs here: the GPU backend, bf16/fp16 operands and a head
+  width cuDNN supports (a multiple of 8, at most 128)."""
+  return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+          and head_dim % 8 == 0 and head_dim <= 128)
+
+
 def use_cudnn_flash(q: jax.Array, k: jax.Array) -> bool:
-  """Whether "auto" attention takes cuDNN flash attention: on GPU, with bf16/fp16 operands, a
-  head width cuDNN supports (a multiple of 8, at most 128) and as many keys as queries."""
-  return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-          and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and q.shape[1] == k.shape[1])
+  """Whether "auto" attention takes cuDNN flash attention for these operands: supported
+  (`cudnn_flash_supported`) and as many keys as queries."""
+  return cudnn_flash_supported(q.dtype, q.shape[-1]) and q.shape[1] == k.shape[1]
 
 
 def recompute_attention(q: jax.Array, k: jax.Array, v: jax.Array,
