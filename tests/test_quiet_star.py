@@ -110,7 +110,8 @@ def test_diagonal_attention_equals_dense_mask(window):
   rng = np.random.default_rng(0)
   q = rng.normal(size=(b, n, h, d)).astype(np.float32)
   kb, vb = rng.normal(size=(2, b, n, kh, d)).astype(np.float32)
-  kt, vt = rng.normal(size=(2, n_slots, b, n, kh, d)).astype(np.float32)
+  kt, vt = rng.normal(size=(2, b, n, kh, d, n_slots)).astype(np.float32)  # slot axis last
+  vt = vt.swapaxes(-1, -2)  # values (b, n, kh, n_slots, d)
   valid = np.arange(n)[None] < np.array([[n], [4]])  # example 1 is padded after 4 tokens
   base_mask = qs_attn.base_block_mask(jnp.asarray(valid), step, window)
   slots = qs_attn.thought_slot_mask(step, n_slots, window)
@@ -120,7 +121,7 @@ def test_diagonal_attention_equals_dense_mask(window):
     np.testing.assert_allclose(x, y, atol=1e-5)
   # Padded keys and the inactive slot carry no weight: changing them changes nothing.
   kb2, kt2 = kb.copy(), kt.copy()
-  kb2[1, 4:], kt2[2] = 100.0, 100.0
+  kb2[1, 4:], kt2[..., 2] = 100.0, 100.0
   np.testing.assert_allclose(_attention_both_ways(q, kb2, vb, base_mask, kt2, vt, slots)[0], out,
                              atol=1e-6)
   # The efficient form never builds an L x (L * J) score or mask array.

@@ -7,10 +7,13 @@ O(L^2 + L * J) per step instead of O(L^2 * J) with a dense mask, and no L x (L *
 
 Conventions follow `starjax.models.attention`: q (B, L, H, D), base keys/values (B, L, K, D), H a
 multiple of K (grouped-query attention), scores and softmax in float32. Thought keys/values are
-stored per step: (J, B, L, K, D), slot j holding step j + 1.
+kept in per-slot buffers, slot j holding step j + 1: keys (B, L, K, D, J), values (B, L, K, J, D)
+(`empty_thought_kv`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +48,43 @@ def thought_slot_mask(step: Array | int, n_slots: int,
   return mask
 
 
+def empty_thought_kv(lead: tuple[int, ...], batch: int, length: int, n_kv_heads: int,
+                     head_dim: int, n_slots: int, dtype: Any) -> tuple[Array, Array]:
+  """Zero thought key/value buffers: keys (*lead, B, L, K, D, J), values (*lead, B, L, K, J, D).
+
+  Slot j holds step j + 1. The slot axis sits next to the head dimension so that the diagonal
+  term is one canonical batched product per (example, row, kv head): q (G, D) x keys (D, J) and
+  probabilities (G, J) x values (J, D), with no transpose of the buffers.
+  """
+  shape = (*lead, batch, length, n_kv_heads)
+  return (jnp.zeros(shape + (head_dim, n_slots), dtype),
+          jnp.zeros(shape + (n_slots, head_dim), dtype))
+
+
+def write_thought_kv(k_thought: Array, v_thought: Array, k: Array, v: Array, slot: Array | int
+                     ) -> tuple[Array, Array]:
+  """Stores one step's keys/values (..., B, L, K, D) in `slot` of the buffers (any leading axes)."""
+  return (jax.lax.dynamic_update_index_in_dim(k_thought, k.astype(k_thought.dtype), slot,
+                                              k_thought.ndim - 1),
+          jax.lax.dynamic_update_index_in_dim(v_thought, v.astype(v_thought.dtype), slot,
+                                              v_thought.ndim - 2))
+
+
+def read_thought_kv(k_thought: Array, v_thought: Array, slot: Array | int) -> tuple[Array, Array]:
+  """The keys/values (..., B, L, K, D) held in `slot`."""
+  return (jax.lax.dynamic_index_in_dim(k_thought, slot, k_thought.ndim - 1, keepdims=False),
+          jax.lax.dynamic_index_in_dim(v_thought, slot, v_thought.ndim - 2, keepdims=False))
+
+
+def _batched_dot(a: Array, b: Array, b_contracting: int) -> Array:
+  """Product over shared leading batch axes: (..., M, C) with (..., C, N) (b_contracting 0) or
+  (..., N, C) (b_contracting 1), float32 accumulation."""
+  nb = a.ndim - 2
+  batch = tuple(range(nb))
+  return jax.lax.dot_general(a, b, (((a.ndim - 1,), (nb + b_contracting,)), (batch, batch)),
+                             preferred_element_type=jnp.float32)
+
+
 def thought_attention(q: Array, k_base: Array, v_base: Array, base_mask: Array, k_thought: Array,
                       v_thought: Array, thought_mask: Array) -> Array:
   """Attention of one thought step over the base keys and the branch's own thought keys.
@@ -54,8 +94,8 @@ def thought_attention(q: Array, k_base: Array, v_base: Array, base_mask: Array, 
     k_base: (B, L, K, D) base-pass keys.
     v_base: (B, L, K, D) base-pass values.
     base_mask: bool (B, L, L), True where row t may see base key j.
-    k_thought: (J, B, L, K, D) thought keys; slot j, row t is branch t's key of that step.
-    v_thought: (J, B, L, K, D) thought values.
+    k_thought: (B, L, K, D, J) thought keys; [b, t, :, :, j] is branch t's key of slot j.
+    v_thought: (B, L, K, J, D) thought values (layouts: `empty_thought_kv`).
     thought_mask: bool, broadcastable to (B, L, J): which slots row t sees.
 
   Returns:
@@ -63,22 +103,23 @@ def thought_attention(q: Array, k_base: Array, v_base: Array, base_mask: Array, 
   """
   b, n, h, d = q.shape
   kh = k_base.shape[2]
-  n_slots = k_thought.shape[0]
-  qg = q.reshape(b, n, kh, h // kh, d)
+  g = h // kh
   scale = d ** -0.5
-  s_base = jnp.einsum("btkgd,bskd->bkgts", qg, k_base,
-                      preferred_element_type=jnp.float32) * scale
-  s_diag = jnp.einsum("btkgd,jbtkd->bkgtj", qg, k_thought,
-                      preferred_element_type=jnp.float32) * scale
+  # The base block as one (G * L, D) x (D, L) product per (example, kv head): XLA CPU then keeps
+  # the scores in (b, k, g, t, s) order instead of transposing them between the products.
+  qh = q.reshape(b, n, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * n, d)
+  s_base = _batched_dot(qh, k_base.transpose(0, 2, 1, 3), 1).reshape(b, kh, g, n, n) * scale
   s_base = jnp.where(base_mask[:, None, None], s_base, attn_lib.MASK_VALUE)
-  diag_mask = jnp.broadcast_to(thought_mask, (b, n, n_slots))
-  s_diag = jnp.where(diag_mask[:, None, None], s_diag, attn_lib.MASK_VALUE)
-  probs = jax.nn.softmax(jnp.concatenate([s_base, s_diag], axis=-1), axis=-1)
-  p_base = probs[..., :n].astype(v_base.dtype)
-  p_diag = probs[..., n:].astype(v_thought.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", p_base, v_base, preferred_element_type=jnp.float32)
-  out = out + jnp.einsum("bkgtj,jbtkd->btkgd", p_diag, v_thought,
-                         preferred_element_type=jnp.float32)
+  s_diag = _batched_dot(q.reshape(b, n, kh, g, d), k_thought, 0) * scale  # (b, t, k, g, j)
+  s_diag = jnp.where(jnp.broadcast_to(thought_mask, (b, n, k_thought.shape[-1]))[:, :, None, None],
+                     s_diag, attn_lib.MASK_VALUE)
+  probs = jax.nn.softmax(
+      jnp.concatenate([s_base, s_diag.transpose(0, 2, 3, 1, 4)], axis=-1), axis=-1)
+  p_base = probs[..., :n].reshape(b, kh, g * n, n).astype(v_base.dtype)
+  p_diag = probs[..., n:].transpose(0, 3, 1, 2, 4).astype(v_thought.dtype)  # (b, t, k, g, j)
+  out = _batched_dot(p_base, v_base.transpose(0, 2, 1, 3), 0)             # (b, k, g * t, d)
+  out = out.reshape(b, kh, g, n, d).transpose(0, 3, 1, 2, 4)
+  out = out + _batched_dot(p_diag, v_thought, 0)
   return out.reshape(b, n, h, d).astype(q.dtype)
 
 
@@ -91,9 +132,9 @@ def dense_thought_attention(q: Array, k_base: Array, v_base: Array, base_mask: A
   Same arguments and result as `thought_attention`.
   """
   b, n = q.shape[:2]
-  n_slots = k_thought.shape[0]
-  keys = jnp.concatenate([k_base] + [k_thought[j] for j in range(n_slots)], axis=1)
-  values = jnp.concatenate([v_base] + [v_thought[j] for j in range(n_slots)], axis=1)
+  n_slots = k_thought.shape[-1]
+  keys = jnp.concatenate([k_base] + [k_thought[..., j] for j in range(n_slots)], axis=1)
+  values = jnp.concatenate([v_base] + [v_thought[..., j, :] for j in range(n_slots)], axis=1)
   slots = jnp.broadcast_to(thought_mask, (b, n, n_slots))
   eye = jnp.eye(n, dtype=bool)[None]
   blocks = [base_mask.astype(bool)] + [eye & slots[:, :, j, None] for j in range(n_slots)]

@@ -7,8 +7,9 @@ loadable by `starjax.models.forward` and the layer loop can mix base and thought
 
 Step k >= 1 runs the whole decoder on L rows at once (row t = the thought branch of position t, at
 position id t + k). Its attention sees the base keys (causal, padding-masked) and the row's own keys
-from steps 1..k (see `quiet_star.attention`). Thought keys/values live in a per-layer buffer
-(n_layers, S - 1, B, L, K, D) carried through `lax.scan` over steps. The backward pass goes
+from steps 1..k (see `quiet_star.attention`). Thought keys/values live in per-layer buffers with
+S - 1 slots (`quiet_star.attention.empty_thought_kv`, a leading n_layers axis) carried through
+`lax.scan` over steps. The backward pass goes
 through a custom VJP (`_thought_steps`) that recomputes each step from the final buffer, so it
 keeps one buffer, not one per step (autodiff of the scan, `step_vjp=False`, keeps the carry of
 every step: O(S^2 L) key/value memory).
@@ -179,21 +180,21 @@ def thought_step(lm: Params, x: Array, step: Array, base: BaseOutputs, valid: Ar
                  ) -> tuple[Array, Array, Array]:
   """Runs step `step` >= 1 on input embeddings `x` (B, L, dim).
 
-  Writes the step's keys/values into slot `step - 1` of the buffers (n_layers, S - 1, B, L, K, D)
-  and returns (final-norm hidden (B, L, dim), buf_k, buf_v).
+  Writes the step's keys/values into slot `step - 1` of the buffers (n_layers, ...; layouts of
+  `quiet_star.attention.empty_thought_kv`) and returns (final-norm hidden (B, L, dim), buf_k,
+  buf_v).
   """
   b, n = x.shape[:2]
   window = model_cfg.sliding_window
   positions = step_positions(b, n, step)
   mask = qs_attn.base_block_mask(valid, step, window)
-  slots = qs_attn.thought_slot_mask(step, buf_k.shape[1], window)
+  slots = qs_attn.thought_slot_mask(step, buf_k.shape[-1], window)
 
   def layer(x, xs):
     lp, kb, vb, bk, bv = xs
 
     def attend(q, k, v):
-      bk2 = jax.lax.dynamic_update_index_in_dim(bk, k.astype(bk.dtype), step - 1, 0)
-      bv2 = jax.lax.dynamic_update_index_in_dim(bv, v.astype(bv.dtype), step - 1, 0)
+      bk2, bv2 = qs_attn.write_thought_kv(bk, bv, k, v, step - 1)
       return qs_attn.thought_attention(q, kb, vb, mask, bk2, bv2, slots), (bk2, bv2)
 
     return _layer(lp, x, positions, model_cfg, attend)
@@ -294,8 +295,6 @@ def _run_steps(choose: Chooser, cfg: QuietStarConfig, model_cfg: ModelConfig, lm
   """The step scan: ((hidden, tokens, logp) of every step, final thought K/V buffers)."""
   b, n = tokens.shape
   n_steps = cfg.n_steps
-  dt = model_cfg.compute_dtype
-  buf_shape = (model_cfg.n_layers, n_steps - 1, b, n, model_cfg.n_kv_heads, model_cfg.head_dim)
 
   def body(carry, step):
     buf_k, buf_v, prev = carry
@@ -306,8 +305,9 @@ def _run_steps(choose: Chooser, cfg: QuietStarConfig, model_cfg: ModelConfig, lm
 
   if remat:
     body = jax.checkpoint(body, prevent_cse=False)
-  init = (jnp.zeros(buf_shape, dt), jnp.zeros(buf_shape, dt),
-          jnp.full((b, n), cfg.fill_id, jnp.int32))
+  buffers = qs_attn.empty_thought_kv((model_cfg.n_layers,), b, n, model_cfg.n_kv_heads,
+                                     model_cfg.head_dim, n_steps - 1, model_cfg.compute_dtype)
+  init = (*buffers, jnp.full((b, n), cfg.fill_id, jnp.int32))
   (buf_k, buf_v, _), ys = jax.lax.scan(body, init, jnp.arange(1, n_steps, dtype=jnp.int32))
   return ys, (buf_k, buf_v)
 
@@ -349,19 +349,14 @@ def _thought_steps_bwd(choose_fn, cfg, model_cfg, res, cotangents):
     lm_, start_, end_, bk, bv, fk, fv = diff
     h, logits, fk, fv = _step(lm_, start_, end_, bk, bv, tokens, valid, fk, fv, step, prev, cfg,
                               model_cfg)
-    slot = step - 1
-    return (h, _token_logp(logits, tok, cfg), jax.lax.dynamic_index_in_dim(fk, slot, 1, False),
-            jax.lax.dynamic_index_in_dim(fv, slot, 1, False))
+    return (h, _token_logp(logits, tok, cfg), *qs_attn.read_thought_kv(fk, fv, step - 1))
 
   def back(carry, xs):
     grads, d_buf_k, d_buf_v = carry
     step, prev, tok, dh, dlp = xs
     diff = (lm, start, end, base_k, base_v, buf_k, buf_v)
     _, vjp = jax.vjp(lambda d: step_fn(d, step, prev, tok), diff)
-    slot = step - 1
-    dk = jax.lax.dynamic_index_in_dim(d_buf_k, slot, 1, False)
-    dv = jax.lax.dynamic_index_in_dim(d_buf_v, slot, 1, False)
-    (g,) = vjp((dh, dlp, dk, dv))
+    (g,) = vjp((dh, dlp, *qs_attn.read_thought_kv(d_buf_k, d_buf_v, step - 1)))
     *g_rest, g_fk, g_fv = g
     # Earlier slots gain step k's share (g_f* is 0 from `slot` on: step k overwrote that slot and
     # masks the later ones); slots >= `slot` are consumed and never read again.
