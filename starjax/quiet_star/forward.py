@@ -188,21 +188,26 @@ def thought_step(lm: Params, x: Array, step: Array, base: BaseOutputs, valid: Ar
   window = model_cfg.sliding_window
   positions = step_positions(b, n, step)
   mask = qs_attn.base_block_mask(valid, step, window)
-  slots = qs_attn.thought_slot_mask(step, buf_k.shape[-1], window)
+  slots = qs_attn.thought_slot_mask(step, buf_k[0].shape[-1], window)
+  buf_k, buf_v = list(buf_k), list(buf_v)
+  # Layers unrolled over per-layer buffers: a layer scan would stack the buffers (and, in the
+  # backward, their cotangents) and re-lay them out around every step.
+  for i in range(model_cfg.n_layers):
 
-  def layer(x, xs):
-    lp, kb, vb, bk, bv = xs
+    def layer(x, xs):
+      lp, kb, vb, bk, bv = xs
 
-    def attend(q, k, v):
-      bk2, bv2 = qs_attn.write_thought_kv(bk, bv, k, v, step - 1)
-      return qs_attn.thought_attention(q, kb, vb, mask, bk2, bv2, slots), (bk2, bv2)
+      def attend(q, k, v):
+        bk2, bv2 = qs_attn.write_thought_kv(bk, bv, k, v, step - 1)
+        return qs_attn.thought_attention(q, kb, vb, mask, bk2, bv2, slots), (bk2, bv2)
 
-    return _layer(lp, x, positions, model_cfg, attend)
+      return _layer(lp, x, positions, model_cfg, attend)
 
-  x, (buf_k, buf_v) = jax.lax.scan(_maybe_remat(layer, model_cfg), x,
-                                   (lm["layers"], base.k, base.v, buf_k, buf_v))
+    lp = jax.tree.map(lambda a, i=i: a[i], lm["layers"])
+    x, (buf_k[i], buf_v[i]) = _maybe_remat(layer, model_cfg)(
+        x, (lp, base.k[i], base.v[i], buf_k[i], buf_v[i]))
   hidden = rms_norm(x, lm["final_norm"]["scale"], model_cfg.norm_eps, model_cfg.compute_dtype)
-  return hidden, buf_k, buf_v
+  return hidden, tuple(buf_k), tuple(buf_v)
 
 
 def suppress(logits: Array, ids: tuple[int, ...]) -> Array:
@@ -305,9 +310,11 @@ def _run_steps(choose: Chooser, cfg: QuietStarConfig, model_cfg: ModelConfig, lm
 
   if remat:
     body = jax.checkpoint(body, prevent_cse=False)
-  buffers = qs_attn.empty_thought_kv((model_cfg.n_layers,), b, n, model_cfg.n_kv_heads,
-                                     model_cfg.head_dim, n_steps - 1, model_cfg.compute_dtype)
-  init = (*buffers, jnp.full((b, n), cfg.fill_id, jnp.int32))
+  buffers = [qs_attn.empty_thought_kv((), b, n, model_cfg.n_kv_heads, model_cfg.head_dim,
+                                      n_steps - 1, model_cfg.compute_dtype)
+             for _ in range(model_cfg.n_layers)]
+  init = (tuple(k for k, _ in buffers), tuple(v for _, v in buffers),
+          jnp.full((b, n), cfg.fill_id, jnp.int32))
   (buf_k, buf_v, _), ys = jax.lax.scan(body, init, jnp.arange(1, n_steps, dtype=jnp.int32))
   return ys, (buf_k, buf_v)
 
@@ -339,6 +346,12 @@ def _thought_steps_fwd(choose_fn, cfg, model_cfg, lm, start, end, base_k, base_v
   return ys, (lm, start, end, base_k, base_v, tokens, valid, buf_k, buf_v, ys[1])
 
 
+def _read_slot(buf_k: tuple[Array, ...], buf_v: tuple[Array, ...], slot: Array
+               ) -> tuple[tuple[Array, Array], ...]:
+  """Every layer's (keys, values) of one slot."""
+  return tuple(qs_attn.read_thought_kv(k, v, slot) for k, v in zip(buf_k, buf_v))
+
+
 def _thought_steps_bwd(choose_fn, cfg, model_cfg, res, cotangents):
   del choose_fn  # The forward's tokens are reused, never re-drawn.
   lm, start, end, base_k, base_v, tokens, valid, buf_k, buf_v, toks = res
@@ -349,25 +362,25 @@ def _thought_steps_bwd(choose_fn, cfg, model_cfg, res, cotangents):
     lm_, start_, end_, bk, bv, fk, fv = diff
     h, logits, fk, fv = _step(lm_, start_, end_, bk, bv, tokens, valid, fk, fv, step, prev, cfg,
                               model_cfg)
-    return (h, _token_logp(logits, tok, cfg), *qs_attn.read_thought_kv(fk, fv, step - 1))
+    return (h, _token_logp(logits, tok, cfg), _read_slot(fk, fv, step - 1))
 
   def back(carry, xs):
     grads, d_buf_k, d_buf_v = carry
     step, prev, tok, dh, dlp = xs
     diff = (lm, start, end, base_k, base_v, buf_k, buf_v)
     _, vjp = jax.vjp(lambda d: step_fn(d, step, prev, tok), diff)
-    (g,) = vjp((dh, dlp, *qs_attn.read_thought_kv(d_buf_k, d_buf_v, step - 1)))
+    (g,) = vjp((dh, dlp, _read_slot(d_buf_k, d_buf_v, step - 1)))
     *g_rest, g_fk, g_fv = g
     # Earlier slots gain step k's share (g_f* is 0 from `slot` on: step k overwrote that slot and
     # masks the later ones); slots >= `slot` are consumed and never read again.
-    d_buf_k, d_buf_v = d_buf_k + g_fk, d_buf_v + g_fv
+    d_buf_k, d_buf_v = jax.tree.map(jnp.add, (d_buf_k, d_buf_v), (g_fk, g_fv))
     grads = jax.tree.map(jnp.add, grads, tuple(g_rest))
     return (grads, d_buf_k, d_buf_v), None
 
   zeros = jax.tree.map(jnp.zeros_like, (lm, start, end, base_k, base_v))
   steps = jnp.arange(1, cfg.n_steps, dtype=jnp.int32)
   (grads, _, _), _ = jax.lax.scan(
-      back, (zeros, jnp.zeros_like(buf_k), jnp.zeros_like(buf_v)),
+      back, (zeros, *jax.tree.map(jnp.zeros_like, (buf_k, buf_v))),
       (steps, prevs, toks, d_hidden, d_logp), reverse=True)
   return (*grads, None, None, None)
 
