@@ -7,9 +7,9 @@ loadable by `starjax.models.forward` and the layer loop can mix base and thought
 
 Step k >= 1 runs the whole decoder on L rows at once (row t = the thought branch of position t, at
 position id t + k). Its attention sees the base keys (causal, padding-masked) and the row's own keys
-from steps 1..k (see `quiet_star.attention`). Thought keys/values live in per-layer buffers with
-S - 1 slots (`quiet_star.attention.empty_thought_kv`, a leading n_layers axis) carried through
-`lax.scan` over steps. The backward pass goes
+from steps 1..k (see `quiet_star.attention`). Thought keys/values live in one buffer pair per layer
+with S - 1 slots (`quiet_star.attention.empty_thought_kv`), carried through `lax.scan` over steps;
+within a step the layers run unrolled on them. The backward pass goes
 through a custom VJP (`_thought_steps`) that recomputes each step from the final buffer, so it
 keeps one buffer, not one per step (autodiff of the scan, `step_vjp=False`, keeps the carry of
 every step: O(S^2 L) key/value memory).
@@ -176,11 +176,11 @@ def base_pass(lm: Params, tokens: Array, valid: Array, model_cfg: ModelConfig) -
 
 
 def thought_step(lm: Params, x: Array, step: Array, base: BaseOutputs, valid: Array,
-                 buf_k: Array, buf_v: Array, model_cfg: ModelConfig
-                 ) -> tuple[Array, Array, Array]:
+                 buf_k: tuple[Array, ...], buf_v: tuple[Array, ...], model_cfg: ModelConfig
+                 ) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
   """Runs step `step` >= 1 on input embeddings `x` (B, L, dim).
 
-  Writes the step's keys/values into slot `step - 1` of the buffers (n_layers, ...; layouts of
+  Writes the step's keys/values into slot `step - 1` of the buffers (one per layer, layouts of
   `quiet_star.attention.empty_thought_kv`) and returns (final-norm hidden (B, L, dim), buf_k,
   buf_v).
   """
@@ -279,8 +279,9 @@ def _step_input(lm: Params, start: Array, end: Array, tokens: Array, step: Array
 
 
 def _step(lm: Params, start: Array, end: Array, base_k: Array, base_v: Array, tokens: Array,
-          valid: Array, buf_k: Array, buf_v: Array, step: Array, prev: Array,
-          cfg: QuietStarConfig, model_cfg: ModelConfig) -> tuple[Array, Array, Array, Array]:
+          valid: Array, buf_k: tuple[Array, ...], buf_v: tuple[Array, ...], step: Array,
+          prev: Array, cfg: QuietStarConfig, model_cfg: ModelConfig
+          ) -> tuple[Array, Array, tuple[Array, ...], tuple[Array, ...]]:
   """One thought/talk step: (hidden, suppressed float32 logits, buf_k, buf_v)."""
   x = _step_input(lm, start, end, tokens, step, prev, cfg, model_cfg)
   base = BaseOutputs(hidden=None, logits=None, k=base_k, v=base_v)
