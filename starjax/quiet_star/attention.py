@@ -48,15 +48,15 @@ def thought_slot_mask(step: Array | int, n_slots: int,
   return mask
 
 
-def empty_thought_kv(lead: tuple[int, ...], batch: int, length: int, n_kv_heads: int,
-                     head_dim: int, n_slots: int, dtype: Any) -> tuple[Array, Array]:
-  """Zero thought key/value buffers: keys (*lead, B, L, K, D, J), values (*lead, B, L, K, J, D).
+def empty_thought_kv(batch: int, length: int, n_kv_heads: int, head_dim: int, n_slots: int,
+                     dtype: Any) -> tuple[Array, Array]:
+  """Zero thought key/value buffers: keys (B, L, K, D, J), values (B, L, K, J, D).
 
   Slot j holds step j + 1. The slot axis sits next to the head dimension so that the diagonal
   term is one canonical batched product per (example, row, kv head): q (G, D) x keys (D, J) and
   probabilities (G, J) x values (J, D), with no transpose of the buffers.
   """
-  shape = (*lead, batch, length, n_kv_heads)
+  shape = (batch, length, n_kv_heads)
   return (jnp.zeros(shape + (head_dim, n_slots), dtype),
           jnp.zeros(shape + (n_slots, head_dim), dtype))
 

@@ -189,23 +189,23 @@ def thought_step(lm: Params, x: Array, step: Array, base: BaseOutputs, valid: Ar
   positions = step_positions(b, n, step)
   mask = qs_attn.base_block_mask(valid, step, window)
   slots = qs_attn.thought_slot_mask(step, buf_k[0].shape[-1], window)
+
+  def layer(x, xs):
+    lp, kb, vb, bk, bv = xs
+
+    def attend(q, k, v):
+      bk2, bv2 = qs_attn.write_thought_kv(bk, bv, k, v, step - 1)
+      return qs_attn.thought_attention(q, kb, vb, mask, bk2, bv2, slots), (bk2, bv2)
+
+    return _layer(lp, x, positions, model_cfg, attend)
+
+  layer = _maybe_remat(layer, model_cfg)
   buf_k, buf_v = list(buf_k), list(buf_v)
   # Layers unrolled over per-layer buffers: a layer scan would stack the buffers (and, in the
   # backward, their cotangents) and re-lay them out around every step.
   for i in range(model_cfg.n_layers):
-
-    def layer(x, xs):
-      lp, kb, vb, bk, bv = xs
-
-      def attend(q, k, v):
-        bk2, bv2 = qs_attn.write_thought_kv(bk, bv, k, v, step - 1)
-        return qs_attn.thought_attention(q, kb, vb, mask, bk2, bv2, slots), (bk2, bv2)
-
-      return _layer(lp, x, positions, model_cfg, attend)
-
     lp = jax.tree.map(lambda a, i=i: a[i], lm["layers"])
-    x, (buf_k[i], buf_v[i]) = _maybe_remat(layer, model_cfg)(
-        x, (lp, base.k[i], base.v[i], buf_k[i], buf_v[i]))
+    x, (buf_k[i], buf_v[i]) = layer(x, (lp, base.k[i], base.v[i], buf_k[i], buf_v[i]))
   hidden = rms_norm(x, lm["final_norm"]["scale"], model_cfg.norm_eps, model_cfg.compute_dtype)
   return hidden, tuple(buf_k), tuple(buf_v)
 
@@ -311,7 +311,7 @@ def _run_steps(choose: Chooser, cfg: QuietStarConfig, model_cfg: ModelConfig, lm
 
   if remat:
     body = jax.checkpoint(body, prevent_cse=False)
-  buffers = [qs_attn.empty_thought_kv((), b, n, model_cfg.n_kv_heads, model_cfg.head_dim,
+  buffers = [qs_attn.empty_thought_kv(b, n, model_cfg.n_kv_heads, model_cfg.head_dim,
                                       n_steps - 1, model_cfg.compute_dtype)
              for _ in range(model_cfg.n_layers)]
   init = (tuple(k for k, _ in buffers), tuple(v for _, v in buffers),
