@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from starjax.models import attention as attn_lib
+from starjax.models import matmul as matmul_lib
 
 Array = jax.Array
+_dot = matmul_lib.dot  # Batched (..., M, K) x (..., K, N), f32 accumulation.
 
 
 def base_block_mask(valid: Array, step: Array | int, sliding_window: int | None = None) -> Array:
@@ -76,15 +78,6 @@ def read_thought_kv(k_thought: Array, v_thought: Array, slot: Array | int) -> tu
           jax.lax.dynamic_index_in_dim(v_thought, slot, v_thought.ndim - 2, keepdims=False))
 
 
-def _batched_dot(a: Array, b: Array, b_contracting: int) -> Array:
-  """Product over shared leading batch axes: (..., M, C) with (..., C, N) (b_contracting 0) or
-  (..., N, C) (b_contracting 1), float32 accumulation."""
-  nb = a.ndim - 2
-  batch = tuple(range(nb))
-  return jax.lax.dot_general(a, b, (((a.ndim - 1,), (nb + b_contracting,)), (batch, batch)),
-                             preferred_element_type=jnp.float32)
-
-
 def thought_attention(q: Array, k_base: Array, v_base: Array, base_mask: Array, k_thought: Array,
                       v_thought: Array, thought_mask: Array) -> Array:
   """Attention of one thought step over the base keys and the branch's own thought keys.
@@ -108,18 +101,18 @@ def thought_attention(q: Array, k_base: Array, v_base: Array, base_mask: Array, 
   # The base block as one (G * L, D) x (D, L) product per (example, kv head): XLA CPU then keeps
   # the scores in (b, k, g, t, s) order instead of transposing them between the products.
   qh = q.reshape(b, n, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * n, d)
-  s_base = _batched_dot(qh, k_base.transpose(0, 2, 1, 3), 1).reshape(b, kh, g, n, n) * scale
+  s_base = _dot(qh, k_base.transpose(0, 2, 3, 1)).reshape(b, kh, g, n, n) * scale
   s_base = jnp.where(base_mask[:, None, None], s_base, attn_lib.MASK_VALUE)
-  s_diag = _batched_dot(q.reshape(b, n, kh, g, d), k_thought, 0) * scale  # (b, t, k, g, j)
+  s_diag = _dot(q.reshape(b, n, kh, g, d), k_thought) * scale  # (b, t, k, g, j)
   s_diag = jnp.where(jnp.broadcast_to(thought_mask, (b, n, k_thought.shape[-1]))[:, :, None, None],
                      s_diag, attn_lib.MASK_VALUE)
   probs = jax.nn.softmax(
       jnp.concatenate([s_base, s_diag.transpose(0, 2, 3, 1, 4)], axis=-1), axis=-1)
   p_base = probs[..., :n].reshape(b, kh, g * n, n).astype(v_base.dtype)
   p_diag = probs[..., n:].transpose(0, 3, 1, 2, 4).astype(v_thought.dtype)  # (b, t, k, g, j)
-  out = _batched_dot(p_base, v_base.transpose(0, 2, 1, 3), 0)             # (b, k, g * t, d)
+  out = _dot(p_base, v_base.transpose(0, 2, 1, 3))                        # (b, k, g * t, d)
   out = out.reshape(b, kh, g, n, d).transpose(0, 3, 1, 2, 4)
-  out = out + _batched_dot(p_diag, v_thought, 0)
+  out = out + _dot(p_diag, v_thought)
   return out.reshape(b, n, h, d).astype(q.dtype)
 
 
