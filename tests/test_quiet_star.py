@@ -482,3 +482,23 @@ def test_step_vjp_equals_autodiff_of_the_step_scan(model_cfg):
                                err_msg=jax.tree_util.keystr(path))
   # The thought embeddings only reach the loss through the steps: their gradient is all VJP.
   assert np.abs(np.asarray(g1["thought"]["start_embedding"])).max() > 0
+
+
+def test_row_blocks_change_nothing_but_speed():
+  """Rows split into blocks (uneven, with padding and a sliding window) = one block of all rows."""
+  assert fwd.row_blocks(12, 5) == ((0, 2), (2, 5), (5, 7), (7, 10), (10, 12))
+  assert fwd.row_blocks(3, 8) == ((0, 1), (1, 2), (2, 3))
+  params = _params(MODEL_B, random_mixer=True)
+  batch = _batch(lengths=[L, 9])
+  cfg = CFG.replace(policy_loss_beta=1.0)
+  cells = [_np(_cells_fn(cfg.replace(row_blocks=r), MODEL_B)(params, batch, KEY)) for r in (1, 5)]
+  np.testing.assert_array_equal(cells[0]["thoughts"], cells[1]["thoughts"])
+  for name in ("talk_nll", "mixing_weight", "logp", "reward"):
+    np.testing.assert_allclose(cells[0][name], cells[1][name], atol=1e-5, err_msg=name)
+  (l1, _), g1 = _grad_fn(cfg.replace(row_blocks=1), MODEL_B)(params, batch, KEY)
+  (l5, _), g5 = _grad_fn(cfg.replace(row_blocks=5), MODEL_B)(params, batch, KEY)
+  np.testing.assert_allclose(l1, l5, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g5)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(np.asarray(a)).max())
+  with pytest.raises(ValueError, match="row_blocks"):
+    CFG.replace(row_blocks=0)

@@ -84,9 +84,10 @@ def thought_attention(q: Array, k_base: Array, v_base: Array, base_mask: Array, 
 
   Args:
     q: (B, L, H, D) queries of the current step (rotated at positions t + k).
-    k_base: (B, L, K, D) base-pass keys.
-    v_base: (B, L, K, D) base-pass values.
-    base_mask: bool (B, L, L), True where row t may see base key j.
+    k_base: (B, L', K, D) base-pass keys (L' may differ from L: a block of rows needs only the
+      keys up to its last row).
+    v_base: (B, L', K, D) base-pass values.
+    base_mask: bool (B, L, L'), True where row t may see base key j.
     k_thought: (B, L, K, D, J) thought keys; [b, t, :, :, j] is branch t's key of slot j.
     v_thought: (B, L, K, J, D) thought values (layouts: `empty_thought_kv`).
     thought_mask: bool, broadcastable to (B, L, J): which slots row t sees.
@@ -95,21 +96,21 @@ def thought_attention(q: Array, k_base: Array, v_base: Array, base_mask: Array, 
     (B, L, H, D) in q's dtype.
   """
   b, n, h, d = q.shape
-  kh = k_base.shape[2]
+  m, kh = k_base.shape[1:3]
   g = h // kh
   scale = d ** -0.5
   # The base block as one (G * L, D) x (D, L) product per (example, kv head): XLA CPU then keeps
   # the scores in (b, k, g, t, s) order instead of transposing them between the products.
   qh = q.reshape(b, n, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * n, d)
-  s_base = _dot(qh, k_base.transpose(0, 2, 3, 1)).reshape(b, kh, g, n, n) * scale
+  s_base = _dot(qh, k_base.transpose(0, 2, 3, 1)).reshape(b, kh, g, n, m) * scale
   s_base = jnp.where(base_mask[:, None, None], s_base, attn_lib.MASK_VALUE)
   s_diag = _dot(q.reshape(b, n, kh, g, d), k_thought) * scale  # (b, t, k, g, j)
   s_diag = jnp.where(jnp.broadcast_to(thought_mask, (b, n, k_thought.shape[-1]))[:, :, None, None],
                      s_diag, attn_lib.MASK_VALUE)
   probs = jax.nn.softmax(
       jnp.concatenate([s_base, s_diag.transpose(0, 2, 3, 1, 4)], axis=-1), axis=-1)
-  p_base = probs[..., :n].reshape(b, kh, g * n, n).astype(v_base.dtype)
-  p_diag = probs[..., n:].transpose(0, 3, 1, 2, 4).astype(v_thought.dtype)  # (b, t, k, g, j)
+  p_base = probs[..., :m].reshape(b, kh, g * n, m).astype(v_base.dtype)
+  p_diag = probs[..., m:].transpose(0, 3, 1, 2, 4).astype(v_thought.dtype)  # (b, t, k, g, j)
   out = _dot(p_base, v_base.transpose(0, 2, 1, 3))                        # (b, k, g * t, d)
   out = out.reshape(b, kh, g, n, d).transpose(0, 3, 1, 2, 4)
   out = out + _dot(p_diag, v_thought)

@@ -7,9 +7,10 @@ loadable by `starjax.models.forward` and the layer loop can mix base and thought
 
 Step k >= 1 runs the whole decoder on L rows at once (row t = the thought branch of position t, at
 position id t + k). Its attention sees the base keys (causal, padding-masked) and the row's own keys
-from steps 1..k (see `quiet_star.attention`). Thought keys/values live in one buffer pair per layer
-with S - 1 slots (`quiet_star.attention.empty_thought_kv`), carried through `lax.scan` over steps;
-within a step the layers run unrolled on them. The backward pass goes
+from steps 1..k (see `quiet_star.attention`). Thought keys/values live in buffer pairs with S - 1
+slots (`quiet_star.attention.empty_thought_kv`), one per layer and row block
+(`QuietStarConfig.row_blocks`), carried through `lax.scan` over steps; within a step the layers
+run unrolled on them. The backward pass goes
 through a custom VJP (`_thought_steps`) that recomputes each step from the final buffer, so it
 keeps one buffer, not one per step (autodiff of the scan, `step_vjp=False`, keeps the carry of
 every step: O(S^2 L) key/value memory).
@@ -175,39 +176,56 @@ def base_pass(lm: Params, tokens: Array, valid: Array, model_cfg: ModelConfig) -
   return BaseOutputs(hidden=hidden, logits=logits_from_hidden(lm, hidden, model_cfg), k=ks, v=vs)
 
 
+def row_blocks(length: int, n_blocks: int) -> tuple[tuple[int, int], ...]:
+  """Static (start, stop) row ranges splitting `length` rows into at most `n_blocks` blocks."""
+  n_blocks = max(1, min(n_blocks, length))
+  edges = [round(i * length / n_blocks) for i in range(n_blocks + 1)]
+  return tuple((a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a)
+
+
 def thought_step(lm: Params, x: Array, step: Array, base: BaseOutputs, valid: Array,
-                 buf_k: tuple[Array, ...], buf_v: tuple[Array, ...], model_cfg: ModelConfig
-                 ) -> tuple[Array, tuple[Array, ...], tuple[Array, ...]]:
+                 buf_k: tuple[tuple[Array, ...], ...], buf_v: tuple[tuple[Array, ...], ...],
+                 model_cfg: ModelConfig
+                 ) -> tuple[Array, tuple[tuple[Array, ...], ...], tuple[tuple[Array, ...], ...]]:
   """Runs step `step` >= 1 on input embeddings `x` (B, L, dim).
 
-  Writes the step's keys/values into slot `step - 1` of the buffers (one per layer, layouts of
-  `quiet_star.attention.empty_thought_kv`) and returns (final-norm hidden (B, L, dim), buf_k,
-  buf_v).
+  Writes the step's keys/values into slot `step - 1` of the buffers (per layer, one per row
+  block, layouts of `quiet_star.attention.empty_thought_kv`) and returns (final-norm hidden
+  (B, L, dim), buf_k, buf_v).
   """
   b, n = x.shape[:2]
   window = model_cfg.sliding_window
   positions = step_positions(b, n, step)
   mask = qs_attn.base_block_mask(valid, step, window)
-  slots = qs_attn.thought_slot_mask(step, buf_k[0].shape[-1], window)
+  slots = qs_attn.thought_slot_mask(step, buf_k[0][0].shape[-1], window)
+  blocks = row_blocks(n, len(buf_k[0]))
 
   def layer(x, xs):
-    lp, kb, vb, bk, bv = xs
+    lp, pos, msk, kb, vb, bk, bv = xs
 
     def attend(q, k, v):
       bk2, bv2 = qs_attn.write_thought_kv(bk, bv, k, v, step - 1)
-      return qs_attn.thought_attention(q, kb, vb, mask, bk2, bv2, slots), (bk2, bv2)
+      return qs_attn.thought_attention(q, kb, vb, msk, bk2, bv2, slots), (bk2, bv2)
 
-    return _layer(lp, x, positions, model_cfg, attend)
+    return _layer(lp, x, pos, model_cfg, attend)
 
   layer = _maybe_remat(layer, model_cfg)
-  buf_k, buf_v = list(buf_k), list(buf_v)
+  buf_k = [list(t) for t in buf_k]
+  buf_v = [list(t) for t in buf_v]
+  xs = [x[:, r0:r1] for r0, r1 in blocks]
   # Layers unrolled over per-layer buffers: a layer scan would stack the buffers (and, in the
-  # backward, their cotangents) and re-lay them out around every step.
+  # backward, their cotangents) and re-lay them out around every step. Rows are independent
+  # given the base keys, so each row block is its own chain of ops (XLA can run them at once) and
+  # sees base keys up to its last row only.
   for i in range(model_cfg.n_layers):
     lp = jax.tree.map(lambda a, i=i: a[i], lm["layers"])
-    x, (buf_k[i], buf_v[i]) = layer(x, (lp, base.k[i], base.v[i], buf_k[i], buf_v[i]))
+    for c, (r0, r1) in enumerate(blocks):
+      xs[c], (buf_k[i][c], buf_v[i][c]) = layer(
+          xs[c], (lp, positions[:, r0:r1], mask[:, r0:r1, :r1], base.k[i][:, :r1],
+                  base.v[i][:, :r1], buf_k[i][c], buf_v[i][c]))
+  x = jnp.concatenate(xs, axis=1) if len(xs) > 1 else xs[0]
   hidden = rms_norm(x, lm["final_norm"]["scale"], model_cfg.norm_eps, model_cfg.compute_dtype)
-  return hidden, tuple(buf_k), tuple(buf_v)
+  return hidden, tuple(map(tuple, buf_k)), tuple(map(tuple, buf_v))
 
 
 def suppress(logits: Array, ids: tuple[int, ...]) -> Array:
@@ -279,9 +297,8 @@ def _step_input(lm: Params, start: Array, end: Array, tokens: Array, step: Array
 
 
 def _step(lm: Params, start: Array, end: Array, base_k: Array, base_v: Array, tokens: Array,
-          valid: Array, buf_k: tuple[Array, ...], buf_v: tuple[Array, ...], step: Array,
-          prev: Array, cfg: QuietStarConfig, model_cfg: ModelConfig
-          ) -> tuple[Array, Array, tuple[Array, ...], tuple[Array, ...]]:
+          valid: Array, buf_k: Any, buf_v: Any, step: Array, prev: Array, cfg: QuietStarConfig,
+          model_cfg: ModelConfig) -> tuple[Array, Array, Any, Any]:
   """One thought/talk step: (hidden, suppressed float32 logits, buf_k, buf_v)."""
   x = _step_input(lm, start, end, tokens, step, prev, cfg, model_cfg)
   base = BaseOutputs(hidden=None, logits=None, k=base_k, v=base_v)
@@ -311,10 +328,12 @@ def _run_steps(choose: Chooser, cfg: QuietStarConfig, model_cfg: ModelConfig, lm
 
   if remat:
     body = jax.checkpoint(body, prevent_cse=False)
-  buffers = [qs_attn.empty_thought_kv(b, n, model_cfg.n_kv_heads, model_cfg.head_dim,
-                                      n_steps - 1, model_cfg.compute_dtype)
+  buffers = [[qs_attn.empty_thought_kv(b, r1 - r0, model_cfg.n_kv_heads, model_cfg.head_dim,
+                                       n_steps - 1, model_cfg.compute_dtype)
+              for r0, r1 in row_blocks(n, cfg.row_blocks)]
              for _ in range(model_cfg.n_layers)]
-  init = (tuple(k for k, _ in buffers), tuple(v for _, v in buffers),
+  init = (tuple(tuple(k for k, _ in layer) for layer in buffers),
+          tuple(tuple(v for _, v in layer) for layer in buffers),
           jnp.full((b, n), cfg.fill_id, jnp.int32))
   (buf_k, buf_v, _), ys = jax.lax.scan(body, init, jnp.arange(1, n_steps, dtype=jnp.int32))
   return ys, (buf_k, buf_v)
@@ -347,10 +366,10 @@ def _thought_steps_fwd(choose_fn, cfg, model_cfg, lm, start, end, base_k, base_v
   return ys, (lm, start, end, base_k, base_v, tokens, valid, buf_k, buf_v, ys[1])
 
 
-def _read_slot(buf_k: tuple[Array, ...], buf_v: tuple[Array, ...], slot: Array
-               ) -> tuple[tuple[Array, Array], ...]:
-  """Every layer's (keys, values) of one slot."""
-  return tuple(qs_attn.read_thought_kv(k, v, slot) for k, v in zip(buf_k, buf_v))
+def _read_slot(buf_k: Any, buf_v: Any, slot: Array) -> tuple[tuple[Array, Array], ...]:
+  """Every buffer's (keys, values) of one slot (buffers: nested per layer and row block)."""
+  return tuple(qs_attn.read_thought_kv(k, v, slot)
+               for k, v in zip(jax.tree.leaves(buf_k), jax.tree.leaves(buf_v)))
 
 
 def _thought_steps_bwd(choose_fn, cfg, model_cfg, res, cotangents):
