@@ -266,8 +266,8 @@ def thought_pass(params: Params, base: BaseOutputs, tokens: Array, valid: Array,
 
   Step k reads: start (k = 1), the previous step's thought token (2 <= k <= M + 1), end
   (k = M + 2) or the teacher-forced x_{t+k-M-2} (k > M + 2). At k <= M it draws c_k =
-  choose(k, logits) and keeps log pi(c_k) at the reinforce temperature. (The token choice also runs,
-  unused, at the later steps: one step body keeps the compiled program small.)
+  choose(k, logits) and keeps log pi(c_k) at the reinforce temperature. The later steps skip the
+  LM head (`_if_sampling`): their tokens read as `cfg.fill_id` and their log-probs as 0, unused.
 
   Gradients: with `cfg.step_vjp` (default) through `_thought_steps`' custom VJP, which keeps one
   copy of the thought K/V buffers instead of one per step; else by autodiff of the scan
@@ -298,12 +298,22 @@ def _step_input(lm: Params, start: Array, end: Array, tokens: Array, step: Array
 
 def _step(lm: Params, start: Array, end: Array, base_k: Array, base_v: Array, tokens: Array,
           valid: Array, buf_k: Any, buf_v: Any, step: Array, prev: Array, cfg: QuietStarConfig,
-          model_cfg: ModelConfig) -> tuple[Array, Array, Any, Any]:
-  """One thought/talk step: (hidden, suppressed float32 logits, buf_k, buf_v)."""
+          model_cfg: ModelConfig) -> tuple[Array, Any, Any]:
+  """One thought/talk step: (final-norm hidden, buf_k, buf_v)."""
   x = _step_input(lm, start, end, tokens, step, prev, cfg, model_cfg)
   base = BaseOutputs(hidden=None, logits=None, k=base_k, v=base_v)
-  h, buf_k, buf_v = thought_step(lm, x, step, base, valid, buf_k, buf_v, model_cfg)
-  return h, suppress(logits_from_hidden(lm, h, model_cfg), cfg.suppress_ids), buf_k, buf_v
+  return thought_step(lm, x, step, base, valid, buf_k, buf_v, model_cfg)
+
+
+def _if_sampling(step: Array, cfg: QuietStarConfig, fn: Callable[[Array], Any], h: Array,
+                 skipped: Any) -> Any:
+  """fn(h) at steps 1..M, which draw a thought token; `skipped` at the later steps.
+
+  Only those steps need the LM head's logits (talk losses take the hidden states), so the end and
+  talk steps skip the head, the token draw and the log-softmax, forward and backward: for a large
+  vocabulary the head is a fifth of a step's work.
+  """
+  return jax.lax.cond(step <= cfg.n_sampled, fn, lambda _: skipped, h)
 
 
 def _token_logp(logits: Array, tok: Array, cfg: QuietStarConfig) -> Array:
@@ -321,10 +331,17 @@ def _run_steps(choose: Chooser, cfg: QuietStarConfig, model_cfg: ModelConfig, lm
 
   def body(carry, step):
     buf_k, buf_v, prev = carry
-    h, logits, buf_k, buf_v = _step(lm, start, end, base_k, base_v, tokens, valid, buf_k, buf_v,
-                                    step, prev, cfg, model_cfg)
-    tok = choose(step, jax.lax.stop_gradient(logits)).astype(jnp.int32)
-    return (buf_k, buf_v, tok), (h, tok, _token_logp(logits, tok, cfg))
+    h, buf_k, buf_v = _step(lm, start, end, base_k, base_v, tokens, valid, buf_k, buf_v, step,
+                            prev, cfg, model_cfg)
+
+    def draw(h):
+      logits = suppress(logits_from_hidden(lm, h, model_cfg), cfg.suppress_ids)
+      tok = choose(step, jax.lax.stop_gradient(logits)).astype(jnp.int32)
+      return tok, _token_logp(logits, tok, cfg)
+
+    tok, logp = _if_sampling(step, cfg, draw, h, (jnp.full((b, n), cfg.fill_id, jnp.int32),
+                                                  jnp.zeros((b, n), jnp.float32)))
+    return (buf_k, buf_v, tok), (h, tok, logp)
 
   if remat:
     body = jax.checkpoint(body, prevent_cse=False)
@@ -380,9 +397,13 @@ def _thought_steps_bwd(choose_fn, cfg, model_cfg, res, cotangents):
 
   def step_fn(diff, step, prev, tok):
     lm_, start_, end_, bk, bv, fk, fv = diff
-    h, logits, fk, fv = _step(lm_, start_, end_, bk, bv, tokens, valid, fk, fv, step, prev, cfg,
-                              model_cfg)
-    return (h, _token_logp(logits, tok, cfg), _read_slot(fk, fv, step - 1))
+    h, fk, fv = _step(lm_, start_, end_, bk, bv, tokens, valid, fk, fv, step, prev, cfg,
+                      model_cfg)
+    logp = _if_sampling(
+        step, cfg, lambda h: _token_logp(suppress(logits_from_hidden(lm_, h, model_cfg),
+                                                  cfg.suppress_ids), tok, cfg),
+        h, jnp.zeros(tok.shape, jnp.float32))
+    return (h, logp, _read_slot(fk, fv, step - 1))
 
   def back(carry, xs):
     grads, d_buf_k, d_buf_v = carry
