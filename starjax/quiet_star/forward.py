@@ -223,7 +223,7 @@ def thought_step(lm: Params, x: Array, step: Array, base: BaseOutputs, valid: Ar
       xs[c], (buf_k[i][c], buf_v[i][c]) = layer(
           xs[c], (lp, positions[:, r0:r1], mask[:, r0:r1, :r1], base.k[i][:, :r1],
                   base.v[i][:, :r1], buf_k[i][c], buf_v[i][c]))
-  x = jnp.concatenate(xs, axis=1) if len(xs) > 1 else xs[0]
+  x = jnp.concatenate(xs, axis=1)
   hidden = rms_norm(x, lm["final_norm"]["scale"], model_cfg.norm_eps, model_cfg.compute_dtype)
   return hidden, tuple(map(tuple, buf_k)), tuple(map(tuple, buf_v))
 
@@ -305,6 +305,11 @@ def _step(lm: Params, start: Array, end: Array, base_k: Array, base_v: Array, to
   return thought_step(lm, x, step, base, valid, buf_k, buf_v, model_cfg)
 
 
+def _thought_logits(lm: Params, h: Array, cfg: QuietStarConfig, model_cfg: ModelConfig) -> Array:
+  """float32 logits of a step's hidden states, start/end ids suppressed."""
+  return suppress(logits_from_hidden(lm, h, model_cfg), cfg.suppress_ids)
+
+
 def _if_sampling(step: Array, cfg: QuietStarConfig, fn: Callable[[Array], Any], h: Array,
                  skipped: Any) -> Any:
   """fn(h) at steps 1..M, which draw a thought token; `skipped` at the later steps.
@@ -335,7 +340,7 @@ def _run_steps(choose: Chooser, cfg: QuietStarConfig, model_cfg: ModelConfig, lm
                             prev, cfg, model_cfg)
 
     def draw(h):
-      logits = suppress(logits_from_hidden(lm, h, model_cfg), cfg.suppress_ids)
+      logits = _thought_logits(lm, h, cfg, model_cfg)
       tok = choose(step, jax.lax.stop_gradient(logits)).astype(jnp.int32)
       return tok, _token_logp(logits, tok, cfg)
 
@@ -399,10 +404,9 @@ def _thought_steps_bwd(choose_fn, cfg, model_cfg, res, cotangents):
     lm_, start_, end_, bk, bv, fk, fv = diff
     h, fk, fv = _step(lm_, start_, end_, bk, bv, tokens, valid, fk, fv, step, prev, cfg,
                       model_cfg)
-    logp = _if_sampling(
-        step, cfg, lambda h: _token_logp(suppress(logits_from_hidden(lm_, h, model_cfg),
-                                                  cfg.suppress_ids), tok, cfg),
-        h, jnp.zeros(tok.shape, jnp.float32))
+    logp = _if_sampling(step, cfg,
+                        lambda h: _token_logp(_thought_logits(lm_, h, cfg, model_cfg), tok, cfg),
+                        h, jnp.zeros(tok.shape, jnp.float32))
     return (h, logp, _read_slot(fk, fv, step - 1))
 
   def back(carry, xs):
