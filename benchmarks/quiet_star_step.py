@@ -19,6 +19,10 @@ peak_bytes_in_use):
     `thought_attention` while the dense child traces its step (no library switch exists; the
     library itself is unchanged).
 
+After the longest L's rows, one more child times the diag step for every N at that L in one
+process, interleaved in rounds (`run_interleaved`, --interleave-rounds): the linearity target is
+judged on those times, since per-N children also carry the machine's drift between processes.
+
 A configuration whose compiled program would need more than --mem-cap-mb, or whose child runs past
 --config-timeout-s, is recorded as skipped with the reason instead of running or hanging.
 
@@ -57,6 +61,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -217,9 +222,11 @@ def _reset_peak_rss() -> bool:
   return _vm_hwm_mb() is not None
 
 
-def run_config(spec: dict[str, Any]) -> dict[str, Any]:
-  """Measures one (seq_len, n_ahead, variant); `spec` also holds quick, steps, warmup, max_s."""
-  t_start = time.perf_counter()
+def _compile_step(spec: dict[str, Any], n_ahead: int, variant: str) -> dict[str, Any]:
+  """Builds the train state and rows of one (seq_len, n_ahead) and compiles its step.
+
+  Returns a dict with compiled, state, rows, compile_s and memory (XLA's memory analysis or None).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -229,11 +236,8 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   from starjax.train import optim  # pylint: disable=g-import-not-at-top
   from starjax.train.state import TrainState  # pylint: disable=g-import-not-at-top
 
-  device = jax.devices()[0]
-  jnp.zeros(()).block_until_ready()  # Starts the runtime before the baseline is read.
-  baseline_rss_mb = common.peak_rss_mb()
   model_cfg = model_config(spec["quick"])
-  qcfg = quiet_star_config(spec["n_ahead"])
+  qcfg = quiet_star_config(n_ahead)
   batch, seq_len = spec["batch"], spec["seq_len"]
   ocfg = optim.OptimizerConfig(lr=1e-4, schedule="constant", weight_decay=0.1)
   tx = optim.make_optimizer(ocfg, total_steps=1000)
@@ -253,10 +257,25 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
                                schedule=schedule, seed=0, mesh=None)
 
   t0 = time.perf_counter()
-  with attention_variant(spec["variant"]):
+  with attention_variant(variant):
     compiled = jax.jit(step, donate_argnums=(0,)).lower(state, rows).compile()
-  compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
+  return {"compiled": compiled, "state": state, "rows": rows,
+          "compile_s": time.perf_counter() - t0, "memory": compiled.memory_analysis()}
+
+
+def run_config(spec: dict[str, Any]) -> dict[str, Any]:
+  """Measures one (seq_len, n_ahead, variant); `spec` also holds quick, steps, warmup, max_s."""
+  t_start = time.perf_counter()
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  device = jax.devices()[0]
+  jnp.zeros(()).block_until_ready()  # Starts the runtime before the baseline is read.
+  baseline_rss_mb = common.peak_rss_mb()
+  built = _compile_step(spec, spec["n_ahead"], spec["variant"])
+  compiled, state, rows, mem = built["compiled"], built["state"], built["rows"], built["memory"]
+  compile_s = built["compile_s"]
   footprint_mb = None
   if mem is not None:
     footprint_mb = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
@@ -304,6 +323,49 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
              load_avg=[load_before, os.getloadavg()[0]],
              wall_s=time.perf_counter() - t_start)
   return row
+
+
+def run_interleaved(spec: dict[str, Any]) -> dict[str, Any]:
+  """Times the diag step at one seq_len for every N of spec["n_aheads"] in one process, in rounds.
+
+  The linearity check compares step times across N, and on a shared VM the machine's speed drifts
+  between child processes by more than the effect it looks for (10-30% on the 2-core VMs). Here
+  each round times one step of every N, in an order rotated by one each round, so a slow moment
+  touches all N alike. Peak memory is not measured (the runs share one process).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  n_aheads, rounds = list(spec["n_aheads"]), int(spec["rounds"])
+  if len(n_aheads) < 2 or rounds < 1:
+    raise ValueError(f"interleaved timing needs >= 2 N and >= 1 round; got {n_aheads}, {rounds}")
+  t_start = time.perf_counter()
+  built = {n: _compile_step(spec, n, "diag") for n in n_aheads}
+  times: dict[int, list[float]] = {n: [] for n in n_aheads}
+  losses: dict[int, list[float]] = {n: [] for n in n_aheads}
+
+  def run_step(n: int) -> float:
+    b = built[n]
+    t0 = time.perf_counter()
+    b["state"], metrics, _ = b["compiled"](b["state"], b["rows"])
+    loss = float(metrics["loss"])  # Blocks until the step is done.
+    elapsed = time.perf_counter() - t0
+    losses[n].append(loss)
+    return elapsed
+
+  for _ in range(spec.get("warmup", 1)):
+    for n in n_aheads:
+      run_step(n)
+  for r in range(rounds):
+    for i in range(len(n_aheads)):
+      n = n_aheads[(i + r) % len(n_aheads)]
+      times[n].append(run_step(n))
+  return {"seq_len": spec["seq_len"], "n_ahead": n_aheads, "rounds": rounds,
+          "step_s": [statistics.median(times[n]) for n in n_aheads],
+          "times_s": [times[n] for n in n_aheads],
+          "compile_s": [built[n]["compile_s"] for n in n_aheads],
+          "loss_finite": bool(all(np.isfinite(losses[n]).all() for n in n_aheads)),
+          "order": "round r times N in the order n_ahead[r:] + n_ahead[:r]",
+          "wall_s": time.perf_counter() - t_start}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,8 +442,24 @@ def linearity(rows: list[dict[str, Any]], prefix: str = "") -> list[dict[str, An
   return out
 
 
-def compare(rows: list[dict[str, Any]], backend: str) -> dict[str, Any]:
-  """Ratios against the quoted reference figures, the dense way and the targets."""
+def interleaved_rows(inter: dict[str, Any], model_cfg: Any) -> list[dict[str, Any]]:
+  """The interleaved timings as rows `linearity` reads (seq_len, n_ahead, step_s, FLOPs)."""
+  out = []
+  for n, step_s in zip(inter["n_ahead"], inter["step_s"]):
+    flops = step_flops(model_cfg, quiet_star_config(n), BATCH, inter["seq_len"])
+    out.append({"seq_len": inter["seq_len"], "n_ahead": n, "step_s": step_s,
+                "flops_per_step": flops["flops_per_step"]})
+  return out
+
+
+def compare(rows: list[dict[str, Any]], backend: str,
+            interleaved: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+  """Ratios against the quoted reference figures, the dense way and the targets.
+
+  `interleaved`: rows from `interleaved_rows`; where they cover the target sequence length, the
+  linearity target is judged on them (one process, N interleaved) rather than on the per-N child
+  processes, whose step times also carry the machine's drift between processes.
+  """
   by_cfg = {(r["seq_len"], r["n_ahead"]): r for r in rows}
   refs = []
   for ref in REFERENCE["rows"]:
@@ -394,7 +472,10 @@ def compare(rows: list[dict[str, Any]], backend: str) -> dict[str, Any]:
   target = by_cfg.get(TARGET_CONFIG, {})
   ref = next(x for x in refs if (x["seq_len"], x["n_ahead"]) == TARGET_CONFIG)
   lin = linearity(rows)
-  lin_target = next((x for x in lin if x["seq_len"] == TARGET_CONFIG[0]), None)
+  lin_inter = linearity(interleaved) if interleaved else []
+  lin_target = next((x for x in lin_inter if x["seq_len"] == TARGET_CONFIG[0]), None)
+  lin_source = "interleaved" if lin_target else "per_config_children"
+  lin_target = lin_target or next((x for x in lin if x["seq_len"] == TARGET_CONFIG[0]), None)
   met = lambda x, bound: None if x is None else x >= bound
   return {
       "reference": {**REFERENCE, "rows": refs, "comparable": backend == "cpu"},
@@ -413,8 +494,10 @@ def compare(rows: list[dict[str, Any]], backend: str) -> dict[str, Any]:
                                       TARGETS["speedup_vs_dense"]),
               "linear_in_n": lin_target["linear"] if lin_target else None,
           },
+          "linear_in_n_source": lin_source if lin_target else None,
       },
       "linear_in_n": lin,
+      "linear_in_n_interleaved": lin_inter,
       "dense_linear_in_n": linearity(rows, "dense_"),
   }
 
@@ -438,6 +521,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--no-dense", action="store_true", help="Skip the dense-mask runs.")
   p.add_argument("--steps", type=int, default=None, help="Timed steps (median reported).")
   p.add_argument("--warmup", type=int, default=1, help="Untimed steps after compiling.")
+  p.add_argument("--interleave-rounds", type=int, default=None,
+                 help="Rounds of the interleaved timing of every N at the longest L, for the "
+                      "linearity check (default 3; 0 turns it off; needs >= 2 N).")
   p.add_argument("--config-timeout-s", type=float, default=None,
                  help="Wall-clock cap of one run's child process (default 300; quick 120).")
   p.add_argument("--mem-cap-mb", type=float, default=None,
@@ -448,7 +534,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = p.parse_args(argv)
 
   if args.child is not None:  # Child process: one run.
-    row = run_config(json.loads(args.child))
+    spec = json.loads(args.child)
+    row = run_interleaved(spec) if "n_aheads" in spec else run_config(spec)
     common.write_json(args.child_out, row)
     return row
 
@@ -464,6 +551,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   steps = args.steps or (2 if args.quick else 3)
   config_timeout = args.config_timeout_s or (120.0 if args.quick else 300.0)
   variants = ("diag",) if args.no_dense else VARIANTS
+  rounds = 3 if args.interleave_rounds is None else args.interleave_rounds
   model_cfg = model_config(args.quick)
 
   out = args.out or common.RESULTS_DIR / f"quiet_star_step-{machine['name']}-{started[:10]}.json"
@@ -484,13 +572,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "with the step, so this baseline does up to ~2x the reference's attention "
                    "work)",
           "steps": steps, "warmup": args.warmup, "config_timeout_s": config_timeout,
+          "interleave_rounds": rounds,
           "mem_cap_mb": args.mem_cap_mb},
-      "rows": []}
+      "rows": [], "interleaved": None}
   # Most important first (the target configuration, then the other N at the longest L), so a
   # tight budget skips the least important; each (L, N) runs diag then dense.
   plan = sorted(((q, n) for q in seq_lens for n in n_aheads),
                 key=lambda c: (c != TARGET_CONFIG, -c[0], -c[1]))
+  # The interleaved timing of every N (linearity) comes after the longest L's own rows.
+  inter_len = max(seq_lens) if rounds > 0 and len(n_aheads) >= 2 else None
+  inter_rows: list[dict[str, Any]] = []
+
+  def run_interleaved_phase() -> None:
+    elapsed = time.perf_counter() - t_start
+    if args.budget_s is not None and elapsed >= args.budget_s - 15:
+      result["interleaved"] = {"seq_len": inter_len, "skipped": "budget"}
+      return
+    timeout = config_timeout if args.budget_s is None else min(config_timeout,
+                                                               args.budget_s - elapsed)
+    spec = {"seq_len": inter_len, "n_aheads": sorted(n_aheads), "rounds": rounds,
+            "batch": BATCH, "quick": args.quick, "warmup": args.warmup}
+    print(f"[quiet_star_step] L {inter_len} N {sorted(n_aheads)} interleaved x{rounds} ...",
+          flush=True)
+    result["interleaved"] = common.run_child("benchmarks.quiet_star_step", spec, timeout)
+    if result["interleaved"].get("step_s"):
+      inter_rows.extend(interleaved_rows(result["interleaved"], model_cfg))
+    result.update(compare(result["rows"], machine["jax_backend"], inter_rows))
+    common.write_json(out, result)
+
   for seq_len, n_ahead in plan:
+    if inter_len is not None and result["interleaved"] is None and seq_len < inter_len:
+      run_interleaved_phase()
     row: dict[str, Any] = {"model": "quiet_star_4x128" if not args.quick else "quiet_star_quick",
                            "seq_len": seq_len, "n_ahead": n_ahead, "batch": BATCH,
                            "dtype": DTYPE}
@@ -511,15 +623,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _fill_row(row, runs, model_cfg, ceiling, machine["device_kind"])
     result["rows"].append(row)
     result["rows"].sort(key=lambda r: (r["seq_len"], r["n_ahead"]))
-    result.update(compare(result["rows"], machine["jax_backend"]))
+    result.update(compare(result["rows"], machine["jax_backend"], inter_rows))
     common.write_json(out, result)  # Partial results survive an interrupted run.
+  if inter_len is not None and result["interleaved"] is None:
+    run_interleaved_phase()
   result["finished_at"] = common.now_iso()
   result["wall_s"] = time.perf_counter() - t_start
   common.write_json(out, result)
   print(f"ceiling GFLOP/s ({ceiling['source']}): "
         + ", ".join(f"{d} {common.fmt(g)}" for d, g in ceiling["gflops"].items()))
   print(summary_table(result["rows"]))
-  print("targets: " + json.dumps(result["targets"]["met"]))
+  inter = result.get("interleaved") or {}
+  if inter.get("step_s"):
+    print(f"interleaved (L {inter['seq_len']}, {inter['rounds']} rounds): "
+          + ", ".join(f"N={n} {common.fmt(t)} s" for n, t in zip(inter["n_ahead"],
+                                                                 inter["step_s"])))
+  print("targets: " + json.dumps(result["targets"]["met"])
+        + f" (linearity from {result['targets']['linear_in_n_source']})")
   print(f"wrote {out}")
   return result
 
