@@ -19,8 +19,8 @@ peak_bytes_in_use):
     `thought_attention` while the dense child traces its step (no library switch exists; the
     library itself is unchanged).
 
-After the longest L's rows, one more child times the diag step for every N at that L in one
-process, interleaved in rounds (`run_interleaved`, --interleave-rounds): the linearity target is
+After the target configuration (or the longest L's rows where the target is not in the run), one
+more child times the diag step for every N at the longest L in one process, interleaved in rounds (`run_interleaved`, --interleave-rounds): the linearity target is
 judged on those times, since per-N children also carry the machine's drift between processes.
 
 A configuration whose compiled program would need more than --mem-cap-mb, or whose child runs past
@@ -579,8 +579,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   # tight budget skips the least important; each (L, N) runs diag then dense.
   plan = sorted(((q, n) for q in seq_lens for n in n_aheads),
                 key=lambda c: (c != TARGET_CONFIG, -c[0], -c[1]))
-  # The interleaved timing of every N (linearity) comes after the longest L's own rows.
+  # The interleaved timing of every N at the longest L (linearity) comes right after the target
+  # configuration when the plan has it (under a budget it matters more than the other N's own
+  # rows), else after the longest L's rows.
   inter_len = max(seq_lens) if rounds > 0 and len(n_aheads) >= 2 else None
+  has_target = TARGET_CONFIG in plan
   inter_rows: list[dict[str, Any]] = []
 
   def run_interleaved_phase() -> None:
@@ -601,7 +604,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common.write_json(out, result)
 
   for seq_len, n_ahead in plan:
-    if inter_len is not None and result["interleaved"] is None and seq_len < inter_len:
+    if inter_len is not None and result["interleaved"] is None and (
+        seq_len < inter_len or (has_target and (seq_len, n_ahead) != TARGET_CONFIG)):
       run_interleaved_phase()
     row: dict[str, Any] = {"model": "quiet_star_4x128" if not args.quick else "quiet_star_quick",
                            "seq_len": seq_len, "n_ahead": n_ahead, "batch": BATCH,
