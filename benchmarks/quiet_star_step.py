@@ -20,8 +20,10 @@ peak_bytes_in_use):
     library itself is unchanged).
 
 After the target configuration (or the longest L's rows where the target is not in the run), one
-more child times the diag step for every N at the longest L in one process, interleaved in rounds (`run_interleaved`, --interleave-rounds): the linearity target is
-judged on those times, since per-N children also carry the machine's drift between processes.
+more child times the diag step for every N at that L in one process, interleaved in rounds
+(`run_interleaved`, --interleave-rounds): the linearity target is judged on those times, since
+per-N children also carry the machine's drift between processes. Under --budget-s it is skipped
+when the time left is below an estimate from the runs before it.
 
 A configuration whose compiled program would need more than --mem-cap-mb, or whose child runs past
 --config-timeout-s, is recorded as skipped with the reason instead of running or hanging.
@@ -582,14 +584,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   # The interleaved timing of every N at the longest L (linearity) comes right after the target
   # configuration when the plan has it (under a budget it matters more than the other N's own
   # rows), else after the longest L's rows.
-  inter_len = max(seq_lens) if rounds > 0 and len(n_aheads) >= 2 else None
   has_target = TARGET_CONFIG in plan
+  inter_len = None
+  if rounds > 0 and len(n_aheads) >= 2:
+    inter_len = TARGET_CONFIG[0] if has_target else max(seq_lens)
   inter_rows: list[dict[str, Any]] = []
 
   def run_interleaved_phase() -> None:
     elapsed = time.perf_counter() - t_start
-    if args.budget_s is not None and elapsed >= args.budget_s - 15:
-      result["interleaved"] = {"seq_len": inter_len, "skipped": "budget"}
+    # Each N compiles once and runs 1 + rounds steps: about a child run of the longest N each
+    # (shorter N are cheaper), so len(N) x 0.75 x that run's wall time where one ran before.
+    walls = [r.get("run", {}).get("wall_s") for r in result["rows"] if r["seq_len"] == inter_len]
+    walls = [w for w in walls if w]
+    estimate = 0.75 * len(n_aheads) * max(walls) if walls else 0.0
+    if args.budget_s is not None and elapsed + estimate >= args.budget_s - 15:
+      result["interleaved"] = {"seq_len": inter_len,
+                               "skipped": f"budget (needs ~{estimate:.0f} s)"}
       return
     timeout = config_timeout if args.budget_s is None else min(config_timeout,
                                                                args.budget_s - elapsed)
