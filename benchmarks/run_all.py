@@ -82,6 +82,8 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                          ("torch_tokens_per_s", "hf_tokens_per_s"), ("speedup_vs_torch", "ratio")):
         if row[key] is None:  # decode's rows name these differently (the peer is HF generate).
           row[key] = r.get(alias)
+      if r.get("n_ahead") is not None:  # Quiet-STaR rows differ by thought length N.
+        row["model"] = f"{row['model']} N={r['n_ahead']}"
       note = r.get("error") or r.get("skipped")
       if note:
         row["note"] = note

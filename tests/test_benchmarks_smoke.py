@@ -182,3 +182,16 @@ def test_quiet_star_run_interleaved_rounds():
     assert math.isclose(median, sum(times) / 2)
   with pytest.raises(ValueError, match=">= 2 N"):
     quiet_star_step.run_interleaved({**spec, "n_aheads": [4]})
+
+
+def test_summary_rows_name_each_configuration():
+  results = {
+      "quiet_star_step": {"rows": [
+          {"model": "quiet_star_4x128", "seq_len": 256, "n_ahead": n, "batch": 2,
+           "dtype": "float32", "step_s": 1.0, "tokens_per_s": 512.0 / n} for n in (4, 16)]},
+      "decode": {"rows": [{"batch": 1, "mode": "greedy", "dtype": "float32",
+                           "starjax_tokens_per_s": 20.0, "hf_tokens_per_s": 10.0,
+                           "ratio": 2.0}]}}
+  rows = run_all.summary_rows(results)
+  assert [r["model"] for r in rows] == ["quiet_star_4x128 N=4", "quiet_star_4x128 N=16", "greedy"]
+  assert rows[2]["tokens_per_s"] == 20.0 and rows[2]["speedup_vs_torch"] == 2.0
