@@ -588,29 +588,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   inter_len = None
   if rounds > 0 and len(n_aheads) >= 2:
     inter_len = TARGET_CONFIG[0] if has_target else max(seq_lens)
-  inter_rows: list[dict[str, Any]] = []
+
+  def child_timeout(estimate_s: float = 0.0) -> float | None:
+    """The time cap of the next child, or None when the budget has no room for it."""
+    elapsed = time.perf_counter() - t_start
+    if args.budget_s is None:
+      return config_timeout
+    if elapsed + estimate_s >= args.budget_s - 15:
+      return None
+    return min(config_timeout, args.budget_s - elapsed)
+
+  def inter_rows() -> list[dict[str, Any]]:
+    inter = result["interleaved"] or {}
+    return interleaved_rows(inter, model_cfg) if inter.get("step_s") else []
 
   def run_interleaved_phase() -> None:
-    elapsed = time.perf_counter() - t_start
     # Each N compiles once and runs 1 + rounds steps: about a child run of the longest N each
     # (shorter N are cheaper), so len(N) x 0.75 x that run's wall time where one ran before.
     walls = [r.get("run", {}).get("wall_s") for r in result["rows"] if r["seq_len"] == inter_len]
     walls = [w for w in walls if w]
     estimate = 0.75 * len(n_aheads) * max(walls) if walls else 0.0
-    if args.budget_s is not None and elapsed + estimate >= args.budget_s - 15:
+    timeout = child_timeout(estimate)
+    if timeout is None:
       result["interleaved"] = {"seq_len": inter_len,
                                "skipped": f"budget (needs ~{estimate:.0f} s)"}
       return
-    timeout = config_timeout if args.budget_s is None else min(config_timeout,
-                                                               args.budget_s - elapsed)
     spec = {"seq_len": inter_len, "n_aheads": sorted(n_aheads), "rounds": rounds,
             "batch": BATCH, "quick": args.quick, "warmup": args.warmup}
     print(f"[quiet_star_step] L {inter_len} N {sorted(n_aheads)} interleaved x{rounds} ...",
           flush=True)
     result["interleaved"] = common.run_child("benchmarks.quiet_star_step", spec, timeout)
-    if result["interleaved"].get("step_s"):
-      inter_rows.extend(interleaved_rows(result["interleaved"], model_cfg))
-    result.update(compare(result["rows"], machine["jax_backend"], inter_rows))
+    result.update(compare(result["rows"], machine["jax_backend"], inter_rows()))
     common.write_json(out, result)
 
   for seq_len, n_ahead in plan:
@@ -622,13 +630,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "dtype": DTYPE}
     runs = {}
     for variant in variants:
-      elapsed = time.perf_counter() - t_start
-      if args.budget_s is not None and elapsed >= args.budget_s - 15:
+      timeout = child_timeout()
+      if timeout is None:
         runs[variant] = {"skipped": "budget"}
         continue
-      timeout = config_timeout
-      if args.budget_s is not None:
-        timeout = min(timeout, args.budget_s - elapsed)
       spec = {"seq_len": seq_len, "n_ahead": n_ahead, "variant": variant, "batch": BATCH,
               "quick": args.quick, "steps": steps, "warmup": args.warmup,
               "max_s": 0.3 * timeout, "mem_cap_mb": args.mem_cap_mb}
@@ -637,7 +642,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _fill_row(row, runs, model_cfg, ceiling, machine["device_kind"])
     result["rows"].append(row)
     result["rows"].sort(key=lambda r: (r["seq_len"], r["n_ahead"]))
-    result.update(compare(result["rows"], machine["jax_backend"], inter_rows))
+    result.update(compare(result["rows"], machine["jax_backend"], inter_rows()))
     common.write_json(out, result)  # Partial results survive an interrupted run.
   if inter_len is not None and result["interleaved"] is None:
     run_interleaved_phase()
